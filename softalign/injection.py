@@ -1,0 +1,253 @@
+"""Put soft tokens into a frozen denoiser's text context with module hooks; no forward pass is re-implemented.
+
+One forward pre-hook on the denoiser reads the timestep (and, for MMDiT, the text length L); one pre-hook per chosen
+block rewrites that block's `encoder_hidden_states`:
+
+- UNet (SD1.x/2.x, SDXL): the cross-attention blocks of the chosen groups (down / mid / up) see
+  `[h_0 (BOS), s_1..s_n, h_1..h_L]`;
+- MMDiT (SD3): before every transformer block the context is cut back to the L text tokens, then blocks i < n_layers
+  get their own tokens appended `[h, s^i]` (AGSM) or prepended `[s^i, h]` (SoftREPA).
+
+Because only hooks are added, the stock `pipe(prompt)`, PEFT LoRA, gradient checkpointing and external trainers (TRL)
+work unchanged, and after `detach()` the denoiser is bit-identical to the untouched model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .backbones import architecture_of, context_dim_of, denoiser_of
+from .soft_tokens import SoftTokens
+
+_ATTRIBUTE = "_softalign_injection"
+
+
+def _argument_index(module: nn.Module, name: str) -> int | None:
+    """Position of argument `name` in `module.forward`, for hooks that see it passed positionally
+    (SD3 blocks under gradient checkpointing are called as `checkpoint(block, hidden, context, temb, ...)`)."""
+    names = list(inspect.signature(module.forward).parameters)
+    return names.index(name) if name in names else None
+
+
+def _get_argument(args, kwargs, name, index):
+    if name in kwargs:
+        return kwargs[name]
+    if index is not None and index < len(args):
+        return args[index]
+    return None
+
+
+def _set_argument(args, kwargs, name, index, value):
+    if name in kwargs or index is None or index >= len(args):
+        kwargs = {**kwargs, name: value}
+    else:
+        args = args[:index] + (value,) + args[index + 1 :]
+    return args, kwargs
+
+
+class SoftTokenInjection:
+    """Soft tokens attached to one denoiser. Create it with [`attach_soft_tokens`].
+
+    Attributes:
+        soft_tokens ([`SoftTokens`]): the parameters injected (shared, not copied: training them trains this).
+        bank_ids (`torch.LongTensor`, *optional*): bank of each batch row for the next calls; `None` means
+            `default_bank` for every row (psi+ in both classifier-free-guidance branches at inference).
+        enabled (`bool`): when `False` the hooks pass everything through untouched (e.g. the reference model of
+            Diffusion-DPO).
+    """
+
+    def __init__(self, denoiser: nn.Module, soft_tokens: SoftTokens, default_bank: int = 0):
+        self.denoiser = denoiser
+        self.soft_tokens = soft_tokens
+        self.default_bank = default_bank
+        self.bank_ids: torch.Tensor | None = None
+        self.enabled = True
+        self._handles: list = []
+        self._timesteps = None
+        self._text_len = None
+        check_compatible(soft_tokens.config, denoiser)
+        if not 0 <= default_bank < soft_tokens.n_banks:
+            raise ValueError(f"default_bank must lie in [0, {soft_tokens.n_banks - 1}], got {default_bank}.")
+
+    # -- attach / detach ----------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> SoftTokenInjection:
+        if self.attached:
+            return self
+        existing = getattr(self.denoiser, _ATTRIBUTE, None)
+        if existing is not None:
+            raise ValueError(
+                "This denoiser already carries soft tokens; detach them first (`unload_soft_tokens(pipe)` or "
+                "`injection.detach()`)."
+            )
+        timestep_index = _argument_index(self.denoiser, "timestep")
+        context_index = _argument_index(self.denoiser, "encoder_hidden_states")
+
+        def read_denoiser_inputs(module, args, kwargs):
+            self._timesteps = _get_argument(args, kwargs, "timestep", timestep_index)
+            context = _get_argument(args, kwargs, "encoder_hidden_states", context_index)
+            self._text_len = None if context is None else context.shape[1]
+
+        self._handles.append(self.denoiser.register_forward_pre_hook(read_denoiser_inputs, with_kwargs=True))
+        for layer, block in self._target_blocks():
+            self._handles.append(block.register_forward_pre_hook(self._block_hook(block, layer), with_kwargs=True))
+        setattr(self.denoiser, _ATTRIBUTE, self)
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._timesteps = self._text_len = None
+        if getattr(self.denoiser, _ATTRIBUTE, None) is self:
+            delattr(self.denoiser, _ATTRIBUTE)
+
+    def __enter__(self) -> SoftTokenInjection:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # -- per-call controls ---------------------------------------------------------------------------------------
+    @contextmanager
+    def use_banks(self, bank_ids: torch.Tensor | int):
+        """Route each batch row through its own bank for the calls inside the block.
+
+        Example:
+            ```py
+            >>> with injection.use_banks(torch.tensor([0, 1, 1, 1])):  # one positive, three negatives
+            ...     pred = unet(x_t, t, encoder_hidden_states=context).sample
+            ```
+        """
+        previous = self.bank_ids
+        self.bank_ids = torch.as_tensor(bank_ids, dtype=torch.long).reshape(-1)
+        try:
+            yield self
+        finally:
+            self.bank_ids = previous
+
+    @contextmanager
+    def disabled(self):
+        """Run the untouched denoiser inside the block (hooks stay registered)."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def _target_blocks(self) -> list[tuple[int | None, nn.Module]]:
+        config = self.soft_tokens.config
+        if config.architecture == "mmdit":
+            return list(enumerate(self.denoiser.transformer_blocks))
+        groups = {
+            "down": list(self.denoiser.down_blocks),
+            "mid": [self.denoiser.mid_block] if self.denoiser.mid_block is not None else [],
+            "up": list(self.denoiser.up_blocks),
+        }
+        blocks = []
+        for group in config.unet_blocks:
+            found = [b for b in groups[group] if getattr(b, "has_cross_attention", False)]
+            if not found:
+                raise ValueError(
+                    f"Soft tokens target the UNet's {group!r} blocks, but this UNet has no cross-attention block there."
+                )
+            blocks += [(None, block) for block in found]
+        return blocks
+
+    def _rows(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self.soft_tokens.tokens.device
+        banks = self.bank_ids
+        if banks is None:
+            banks = torch.full((batch,), self.default_bank, dtype=torch.long, device=device)
+        else:
+            banks = banks.to(device)
+            if banks.numel() == 1:
+                banks = banks.expand(batch)
+            elif banks.numel() != batch:
+                raise ValueError(f"bank_ids has {banks.numel()} entries, but the denoiser batch has {batch} rows.")
+        timesteps = self._timesteps
+        if self.soft_tokens.timestep_embedding is not None:
+            if timesteps is None:
+                raise ValueError("The denoiser was called without a timestep; the soft tokens' timestep part needs it.")
+            timesteps = torch.as_tensor(timesteps).reshape(-1).to(device)
+            if timesteps.numel() == 1:
+                timesteps = timesteps.expand(batch)
+            elif timesteps.numel() != batch:
+                raise ValueError(f"Got {timesteps.numel()} timesteps for a denoiser batch of {batch} rows.")
+        return banks, timesteps
+
+    def _block_hook(self, block: nn.Module, layer: int | None):
+        context_index = _argument_index(block, "encoder_hidden_states")
+        config = self.soft_tokens.config
+
+        def inject(module, args, kwargs):
+            if not self.enabled:
+                return None
+            context = _get_argument(args, kwargs, "encoder_hidden_states", context_index)
+            if context is None:
+                return None
+            if config.architecture == "unet":
+                tokens = self.soft_tokens(*self._rows(context.shape[0])).to(context.dtype)
+                context = torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
+            else:
+                length = self._text_len
+                context = context[:, :length] if config.position == "append" else context[:, -length:]
+                if layer < config.n_layers:
+                    tokens = self.soft_tokens(*self._rows(context.shape[0]))[:, layer].to(context.dtype)
+                    pieces = [context, tokens] if config.position == "append" else [tokens, context]
+                    context = torch.cat(pieces, dim=1)
+            return _set_argument(args, kwargs, "encoder_hidden_states", context_index, context)
+
+        return inject
+
+
+def check_compatible(config, pipe_or_denoiser) -> None:
+    """Raise a `ValueError` naming both shapes when soft tokens of `config` do not fit the denoiser."""
+    denoiser = denoiser_of(pipe_or_denoiser)
+    architecture = architecture_of(denoiser)
+    dim = context_dim_of(denoiser)
+    if architecture != config.architecture:
+        raise ValueError(
+            f"These soft tokens are for a {config.architecture} denoiser (family {config.family or 'unknown'}, "
+            f"tokens {tuple(config.parameter_shapes()['tokens'])}), but the model is a {type(denoiser).__name__} "
+            f"({architecture})."
+        )
+    if dim != config.dim:
+        expected = config.parameter_shapes()["tokens"][:-1] + (dim,)
+        raise ValueError(
+            f"Soft tokens of shape {tuple(config.parameter_shapes()['tokens'])} do not fit this model: its context "
+            f"width is {dim}, so the tokens would need shape {tuple(expected)}."
+        )
+    if architecture == "mmdit" and config.n_layers > len(denoiser.transformer_blocks):
+        raise ValueError(
+            f"Soft tokens for {config.n_layers} layers (shape {tuple(config.parameter_shapes()['tokens'])}) do not "
+            f"fit a transformer with {len(denoiser.transformer_blocks)} blocks."
+        )
+
+
+def attach_soft_tokens(pipe_or_denoiser, soft_tokens: SoftTokens, default_bank: int = 0) -> SoftTokenInjection:
+    """Attach `soft_tokens` to a pipeline's denoiser (or a denoiser) and return the injection handle.
+
+    Args:
+        pipe_or_denoiser: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, or their
+            `UNet2DConditionModel` / `SD3Transformer2DModel`.
+        soft_tokens ([`SoftTokens`]): moved to the denoiser's device; kept in float32 (cast per call).
+        default_bank (`int`, *optional*, defaults to 0): bank used when no `bank_ids` are set (psi+).
+    """
+    denoiser = denoiser_of(pipe_or_denoiser)
+    device = next(denoiser.parameters()).device
+    soft_tokens.to(device)
+    return SoftTokenInjection(denoiser, soft_tokens, default_bank=default_bank).attach()
+
+
+def injection_of(pipe_or_denoiser) -> SoftTokenInjection | None:
+    """The soft-token injection attached to this pipeline's denoiser, if any."""
+    return getattr(denoiser_of(pipe_or_denoiser), _ATTRIBUTE, None)

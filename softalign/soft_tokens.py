@@ -1,0 +1,290 @@
+"""Soft tokens: a small bank of learnable vectors that lives in a frozen denoiser's text context.
+
+SoftREPA (arXiv 2503.08250) trains one bank; AGSM (arXiv 2605.30038) trains two, psi+ (bank 0) on matched pairs and
+psi- (bank 1) on mismatched pairs. Both add an optional timestep embedding (100 buckets of 10 training steps) to every
+token. This module only holds the parameters and turns (bank ids, timesteps) into context tokens; `injection.py`
+puts them into a denoiser.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import nn
+
+from . import __version__
+
+NUM_TIMESTEP_BUCKETS = 100
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+class Architecture(str, Enum):
+    UNET = "unet"  # SD1.x / SD2.x / SDXL: one token set shared by the hooked UNet blocks
+    MMDIT = "mmdit"  # SD3 / SD3.5: one token set per transformer block
+
+
+class Position(str, Enum):
+    AFTER_BOS = "after_bos"  # UNet: [h_0 (BOS), s_1..s_n, h_1..h_L]
+    APPEND = "append"  # MMDiT, AGSM: [h_1..h_L, s_1..s_n]
+    PREPEND = "prepend"  # MMDiT, SoftREPA: [s_1..s_n, h_1..h_L]
+
+
+class Init(str, Enum):
+    NORMAL = "normal"  # normal(0, init_std), as both official codes
+    NULL_PROMPT = "null_prompt"  # every token starts at the BOS state of the empty prompt (official SD1.5 code)
+
+
+UNET_BLOCK_GROUPS = ("down", "mid", "up")
+
+
+@dataclass
+class SoftTokensConfig:
+    """What a set of soft tokens is, saved next to the weights as `adapter_config.json`.
+
+    Use [`SoftTokensConfig.for_family`] for the papers' settings of a model family.
+
+    Args:
+        architecture (`str`): `"unet"` (SD1.x/2.x, SDXL) or `"mmdit"` (SD3, SD3.5).
+        dim (`int`): context width: `unet.config.cross_attention_dim` or `transformer.config.caption_projection_dim`.
+        n_tokens (`int`, *optional*, defaults to 4): tokens per bank (and per layer for MMDiT).
+        n_banks (`int`, *optional*, defaults to 2): 2 for AGSM (psi+ = bank 0, psi- = bank 1), 1 for SoftREPA.
+        n_layers (`int`, *optional*): MMDiT only: the first `n_layers` transformer blocks get their own tokens.
+        unet_blocks (`list[str]`, *optional*): UNet only: which block groups see the tokens, of down / mid / up.
+        position (`str`): `"after_bos"` for UNets; `"append"` (AGSM) or `"prepend"` (SoftREPA) for MMDiT.
+        timestep_embedding (`bool`, *optional*, defaults to `True`): add a 100-bucket embedding of `t // 10`.
+        init (`str`, *optional*, defaults to `"normal"`): `"normal"` or `"null_prompt"` (UNet only; see
+            [`SoftTokens.init_from_null_prompt`]).
+        init_std (`float`, *optional*, defaults to 0.02): standard deviation of the normal initialisation.
+        family (`str`, *optional*): informational: `"sd15"`, `"sd2"`, `"sdxl"` or `"sd3"`.
+        softalign_version (`str`): the version that wrote the config.
+    """
+
+    architecture: str = field(metadata={"help": "unet (SD1.x/2.x, SDXL) or mmdit (SD3)."})
+    dim: int = field(metadata={"help": "Context width the tokens live in."})
+    n_tokens: int = field(default=4, metadata={"help": "Tokens per bank (per layer for mmdit)."})
+    n_banks: int = field(default=2, metadata={"help": "2 for AGSM (psi+, psi-), 1 for SoftREPA."})
+    n_layers: int | None = field(default=None, metadata={"help": "mmdit: number of leading blocks with tokens."})
+    unet_blocks: list[str] | None = field(default=None, metadata={"help": "unet: block groups of down/mid/up."})
+    position: str | None = field(default=None, metadata={"help": "after_bos (unet), append or prepend (mmdit)."})
+    timestep_embedding: bool = field(default=True, metadata={"help": "Add the 100-bucket timestep embedding."})
+    init: str = field(default="normal", metadata={"help": "normal or null_prompt."})
+    init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation."})
+    family: str | None = field(default=None, metadata={"help": "sd15, sd2, sdxl or sd3 (informational)."})
+    softalign_version: str = field(default=__version__, metadata={"help": "Version that wrote this config."})
+
+    def __post_init__(self):
+        self.architecture = _choice("architecture", self.architecture, Architecture)
+        self.init = _choice("init", self.init, Init)
+        for name in ("dim", "n_tokens", "n_banks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SoftTokensConfig.{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+            raise ValueError(f"SoftTokensConfig.init_std must be a positive number, got {self.init_std!r}.")
+        if self.architecture == Architecture.UNET.value:
+            self._validate_unet()
+        else:
+            self._validate_mmdit()
+
+    def _validate_unet(self):
+        if self.position is None:
+            self.position = Position.AFTER_BOS.value
+        if self.position != Position.AFTER_BOS.value:
+            raise ValueError(
+                f"SoftTokensConfig.position must be 'after_bos' for architecture 'unet', got {self.position!r}."
+            )
+        if self.n_layers is not None:
+            raise ValueError(f"SoftTokensConfig.n_layers is for architecture 'mmdit' only, got {self.n_layers!r}.")
+        if self.unet_blocks is None:
+            self.unet_blocks = ["down", "mid"]
+        blocks = list(self.unet_blocks)
+        unknown = [b for b in blocks if b not in UNET_BLOCK_GROUPS]
+        if unknown or not blocks or len(set(blocks)) != len(blocks):
+            raise ValueError(
+                f"SoftTokensConfig.unet_blocks must be a non-empty list of distinct names from {UNET_BLOCK_GROUPS}, "
+                f"got {self.unet_blocks!r}."
+            )
+        self.unet_blocks = [b for b in UNET_BLOCK_GROUPS if b in blocks]  # canonical order
+
+    def _validate_mmdit(self):
+        if self.position is None:
+            self.position = Position.APPEND.value
+        if self.position not in (Position.APPEND.value, Position.PREPEND.value):
+            raise ValueError(
+                f"SoftTokensConfig.position must be 'append' or 'prepend' for architecture 'mmdit', "
+                f"got {self.position!r}."
+            )
+        if self.n_layers is None:
+            self.n_layers = 5
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise ValueError(f"SoftTokensConfig.n_layers must be a positive integer, got {self.n_layers!r}.")
+        if self.unet_blocks is not None:
+            raise ValueError(
+                f"SoftTokensConfig.unet_blocks is for architecture 'unet' only, got {self.unet_blocks!r}."
+            )
+        if self.init == Init.NULL_PROMPT.value:
+            raise ValueError("SoftTokensConfig.init 'null_prompt' is for architecture 'unet' only.")
+
+    @classmethod
+    def for_family(cls, family: str, dim: int | None = None, objective: str = "agsm", **overrides) -> SoftTokensConfig:
+        """The official configuration of `objective` (`"agsm"` or `"softrepa"`) for a model family.
+
+        AGSM (`scripts/train_coco.sh`): 4 tokens, timestep part on, UNet blocks down + mid, SD3 5 layers appended;
+        SD1.5 starts from the null-prompt BOS state. SoftREPA (`run_train.sh`): one bank, SD1.5 down only, SDXL
+        down + mid, SD3 5 layers prepended; SD1.5 starts from the null-prompt BOS state.
+        """
+        family = _choice("family", family, _FAMILIES)
+        if objective not in ("agsm", "softrepa"):
+            raise ValueError(f"objective must be 'agsm' or 'softrepa', got {objective!r}.")
+        dim = dim if dim is not None else _FAMILY_DIMS[family]
+        settings: dict = {"architecture": "mmdit" if family == "sd3" else "unet", "dim": dim, "family": family}
+        settings["n_banks"] = 2 if objective == "agsm" else 1
+        if family == "sd3":
+            settings.update(n_layers=5, position="append" if objective == "agsm" else "prepend")
+        else:
+            down_only = objective == "softrepa" and family in ("sd15", "sd2")
+            settings["unet_blocks"] = ["down"] if down_only else ["down", "mid"]
+            settings["init"] = "null_prompt" if family in ("sd15", "sd2") else "normal"
+        settings.update(overrides)
+        return cls(**settings)
+
+    # -- serialisation ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> SoftTokensConfig:
+        """Build from a dict; keys written by a newer version are dropped with a warning, missing ones fail."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of SoftTokensConfig fields, got {type(data).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"format"})
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown SoftTokensConfig keys {unknown} (written by a newer version?).")
+        missing = [name for name in ("architecture", "dim") if name not in data]
+        if missing:
+            raise ValueError(f"{source}: SoftTokensConfig is missing the required keys {missing}.")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: invalid SoftTokensConfig: {error}") from error
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor of a [`SoftTokens`] module with this config, keyed like its `state_dict()`."""
+        if self.architecture == Architecture.UNET.value:
+            shapes = {"tokens": (self.n_banks, self.n_tokens, self.dim)}
+            embedding_width = self.dim
+        else:
+            shapes = {"tokens": (self.n_banks, self.n_layers, self.n_tokens, self.dim)}
+            embedding_width = self.n_layers * self.dim
+        if self.timestep_embedding:
+            shapes["timestep_embedding.weight"] = (NUM_TIMESTEP_BUCKETS, embedding_width)
+        return shapes
+
+
+_FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+_FAMILY_DIMS = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "sd3": 1536}
+
+
+def _choice(name: str, value, allowed) -> str:
+    values = [m.value for m in allowed] if isinstance(allowed, type) else list(allowed)
+    value = value.value if isinstance(value, Enum) else value
+    if value not in values:
+        raise ValueError(f"SoftTokensConfig.{name} must be one of {values}, got {value!r}.")
+    return value
+
+
+def timestep_buckets(timesteps: torch.Tensor) -> torch.Tensor:
+    """Bucket index `t // 10` of each timestep, with t truncated to an integer and t >= 1000 mapped to 999.
+
+    The official code casts t to int32 and, when any t of the batch is 1000, subtracts one from the whole batch; every
+    row of a batch shares t in both codes' sampling and training, so clamping per row gives the same buckets.
+    Flow-model timesteps are floats (1000 * sigma) and are truncated the same way.
+    """
+    steps = timesteps.detach().to(torch.float64).floor().long().clamp(0, NUM_TRAIN_TIMESTEPS - 1)
+    return steps // (NUM_TRAIN_TIMESTEPS // NUM_TIMESTEP_BUCKETS)
+
+
+class SoftTokens(nn.Module):
+    """The learnable soft tokens (a bank axis first) and their optional timestep embedding.
+
+    Parameters (keys of `state_dict()`):
+        - `tokens`: `(n_banks, n_tokens, dim)` for UNets, `(n_banks, n_layers, n_tokens, dim)` for MMDiT;
+        - `timestep_embedding.weight`: `(100, dim)` for UNets, `(100, n_layers * dim)` for MMDiT (chunked per layer).
+
+    Example:
+        ```py
+        >>> from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
+        >>> tokens = SoftTokens(SoftTokensConfig.for_family("sd15"))
+        >>> injection = attach_soft_tokens(pipe.unet, tokens)  # pipe(prompt) now generates with psi+
+        ```
+    """
+
+    def __init__(self, config: SoftTokensConfig):
+        super().__init__()
+        self.config = config
+        shapes = config.parameter_shapes()
+        self.tokens = nn.Parameter(torch.empty(shapes["tokens"]))
+        nn.init.normal_(self.tokens, mean=0.0, std=config.init_std)
+        self.timestep_embedding = None
+        if config.timestep_embedding:
+            self.timestep_embedding = nn.Embedding(*shapes["timestep_embedding.weight"])
+            nn.init.normal_(self.timestep_embedding.weight, mean=0.0, std=config.init_std)
+
+    @property
+    def n_banks(self) -> int:
+        return self.config.n_banks
+
+    @torch.no_grad()
+    def init_from_null_prompt(self, null_prompt_embeds: torch.Tensor) -> None:
+        """Start every token of every bank at the BOS state of the empty prompt (official SD1.5 initialisation).
+
+        Args:
+            null_prompt_embeds (`torch.Tensor` of shape `(1, seq_len, dim)` or `(seq_len, dim)`): the text encoder's
+                output for `""`, as returned by the pipeline's `encode_prompt`.
+        """
+        if self.config.architecture != Architecture.UNET.value:
+            raise ValueError("init_from_null_prompt is for UNet soft tokens only.")
+        bos = null_prompt_embeds.reshape(-1, null_prompt_embeds.shape[-1])[0]
+        if bos.shape[-1] != self.config.dim:
+            raise ValueError(
+                f"null_prompt_embeds has width {bos.shape[-1]}, expected the soft-token width {self.config.dim}."
+            )
+        self.tokens.copy_(bos.to(self.tokens.dtype).expand_as(self.tokens))
+
+    def forward(self, bank_ids: torch.Tensor, timesteps: torch.Tensor | None) -> torch.Tensor:
+        """Context tokens for a batch.
+
+        Args:
+            bank_ids (`torch.LongTensor` of shape `(batch,)`): the bank of each row.
+            timesteps (`torch.Tensor` of shape `(batch,)`, *optional*): denoiser timesteps (needed when the timestep
+                embedding is on).
+
+        Returns:
+            `torch.Tensor`: `(batch, n_tokens, dim)` for UNets, `(batch, n_layers, n_tokens, dim)` for MMDiT.
+        """
+        if bank_ids.min() < 0 or bank_ids.max() >= self.n_banks:
+            raise ValueError(f"bank ids must lie in [0, {self.n_banks - 1}], got {bank_ids.tolist()}.")
+        tokens = self.tokens[bank_ids]
+        if self.timestep_embedding is None:
+            return tokens
+        if timesteps is None:
+            raise ValueError("These soft tokens have a timestep embedding, so the timesteps are required.")
+        step_part = self.timestep_embedding(timestep_buckets(timesteps).to(tokens.device))  # (batch, [L*]D)
+        if self.config.architecture == Architecture.UNET.value:
+            return tokens + step_part[:, None, :]
+        per_layer = torch.stack(step_part.chunk(self.config.n_layers, dim=-1), dim=1)  # (batch, n_layers, D)
+        return tokens + per_layer[:, :, None, :]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"architecture={c.architecture}, banks={c.n_banks}, tokens={c.n_tokens}, dim={c.dim}"
