@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
+	$(PY) -m ruff check softalign tests benchmarks
 	$(PY) -m pytest -q
 
 test-all: setup

@@ -10,7 +10,9 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_official_tokens
     from .loaders import save_soft_tokens
 
-    soft_tokens = convert_official_tokens(args.src, format=args.format, family=args.family, unet_blocks=args.unet_blocks)
+    soft_tokens = convert_official_tokens(
+        args.src, format=args.format, family=args.family, unet_blocks=args.unet_blocks
+    )
     out = save_soft_tokens(soft_tokens, args.out)
     config = soft_tokens.config
     print(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -39,14 +40,17 @@ def load_foreign_tensor(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Token file not found: {path}")
+    if not zipfile.is_zipfile(path):  # every torch.save since 1.6 writes a zip archive
+        raise ValueError(f"{path} is not a readable PyTorch file (expected the zip archive torch.save writes).")
     try:
         with torch.serialization.safe_globals([torch.nn.Embedding]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
+        reason = lines[0].rstrip(".") if lines else "it holds objects other than tensors and nn.Embedding"
         raise ValueError(
-            f"Refused to load {path}: it is not a plain tensor or nn.Embedding pickle ({first_line}). softalign only "
-            "reads foreign .pth files with weights_only=True."
+            f"Refused to load {path}: {reason}. softalign reads foreign .pth files with weights_only=True and allows "
+            "only tensors and torch.nn.Embedding."
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise ValueError(f"{path} is not a readable PyTorch file: {error}") from error
@@ -114,7 +118,9 @@ def convert_official_tokens(
         expected = "(n, D) or (layers, n, D)" if format == "softrepa" else "(banks, n, D) or (banks, layers, n, D)"
         raise ValueError(f"{token_file}: tokens of shape {tuple(tokens.shape)}; expected {expected}.")
     if format == "agsm" and tokens.shape[0] != 2:
-        raise ValueError(f"{token_file}: AGSM tokens need a leading bank axis of 2 (psi+, psi-), got {tuple(tokens.shape)}.")
+        raise ValueError(
+            f"{token_file}: AGSM tokens need a leading bank axis of 2 (psi+, psi-), got {tuple(tokens.shape)}."
+        )
     mmdit = tokens.dim() == 4
     family = _infer_family(tokens, mmdit, family, token_file)
     timestep_file = token_file.with_name(timestep_name)

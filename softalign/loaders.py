@@ -72,9 +72,7 @@ def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
         raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from error
     expected = config.parameter_shapes()
     if set(tensors) != set(expected):
-        raise ValueError(
-            f"{weights_file} holds tensors {sorted(tensors)}, but its config expects {sorted(expected)}."
-        )
+        raise ValueError(f"{weights_file} holds tensors {sorted(tensors)}, but its config expects {sorted(expected)}.")
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(

@@ -124,9 +124,7 @@ class SoftTokensConfig:
         if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
             raise ValueError(f"SoftTokensConfig.n_layers must be a positive integer, got {self.n_layers!r}.")
         if self.unet_blocks is not None:
-            raise ValueError(
-                f"SoftTokensConfig.unet_blocks is for architecture 'unet' only, got {self.unet_blocks!r}."
-            )
+            raise ValueError(f"SoftTokensConfig.unet_blocks is for architecture 'unet' only, got {self.unet_blocks!r}.")
         if self.init == Init.NULL_PROMPT.value:
             raise ValueError("SoftTokensConfig.init 'null_prompt' is for architecture 'unet' only.")
 
@@ -168,7 +166,10 @@ class SoftTokensConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - {"format"})
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown SoftTokensConfig keys {unknown} (written by a newer version?).")
+            warnings.warn(
+                f"{source}: ignoring unknown SoftTokensConfig keys {unknown} (written by a newer version?).",
+                stacklevel=2,
+            )
         missing = [name for name in ("architecture", "dim") if name not in data]
         if missing:
             raise ValueError(f"{source}: SoftTokensConfig is missing the required keys {missing}.")

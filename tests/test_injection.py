@@ -174,7 +174,9 @@ def test_soft_tokens_work_beside_a_peft_lora_on_the_same_denoiser(family):
     pipe = tiny_pipeline(family)
     denoiser = denoiser_of(pipe)
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]))
+    denoiser.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
+    )
     soft_tokens = tokens_for(pipe, family=family)
     inputs = denoiser_inputs(pipe)
     with torch.no_grad():

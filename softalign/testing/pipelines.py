@@ -108,7 +108,11 @@ def _tiny_sd15(config: dict):
         tokenizer=clip_tokenizer(),
         unet=unet,
         scheduler=DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
             steps_offset=1,
         ),
         safety_checker=None,
@@ -142,15 +146,22 @@ def _tiny_sdxl(config: dict):
         tokenizer_2=clip_tokenizer(),
         unet=unet,
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
             steps_offset=1,
         ),
     )
 
 
 def _tiny_sd3(config: dict):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     clip_width, pooled_each = 16, 16
@@ -178,8 +189,16 @@ def _tiny_sd3(config: dict):
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=len(t5_tok), d_model=t5_width, d_ff=2 * t5_width, d_kv=8, num_layers=1, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            vocab_size=len(t5_tok),
+            d_model=t5_width,
+            d_ff=2 * t5_width,
+            d_kv=8,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
         )
     )
     vae = AutoencoderKL(

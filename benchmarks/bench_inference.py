@@ -1,0 +1,110 @@
+"""Inference overhead of attached soft tokens: the same pipeline, prompts and seeds with and without tokens.
+
+Runs alone on the machine; both variants are timed in this one run, interleaved, and compared as a ratio.
+
+    python benchmarks/bench_inference.py [--family sd15] [--size 64] [--steps 20] [--repeats 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
+from softalign.backbones import context_dim_of
+from softalign.testing import tiny_pipeline
+
+PROMPTS = ["a photo of a cat", "two red circles", "a blue square above a green triangle", "three stars"]
+
+
+def generate(pipe, size: int, steps: int) -> None:
+    pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="sd15", choices=["sd15", "sdxl", "sd3"])
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    latent = args.size // 2  # the tiny VAE downsamples by 2
+    overrides = (
+        {"sample_size": latent} if args.family != "sd3" else {"sample_size": latent, "pos_embed_max_size": latent}
+    )
+    pipe = tiny_pipeline(args.family, **overrides)
+    config = SoftTokensConfig.for_family(args.family, dim=context_dim_of(pipe), init="normal")
+    injection = attach_soft_tokens(pipe, SoftTokens(config))
+    injection.detach()
+
+    generate(pipe, args.size, args.steps)  # warm-up of both paths
+    injection.attach()
+    generate(pipe, args.size, args.steps)
+    injection.detach()
+
+    times = {"base": [], "soft tokens": []}
+    cpu = {"base": 0.0, "soft tokens": 0.0}
+    for _ in range(args.repeats):  # interleaved so drift hits both alike
+        for name in ("base", "soft tokens"):
+            if name == "soft tokens":
+                injection.attach()
+            wall, cpu_seconds = timed(lambda: generate(pipe, args.size, args.steps))
+            injection.detach()
+            times[name].append(wall)
+            cpu[name] += cpu_seconds
+
+    base, tuned = statistics.median(times["base"]), statistics.median(times["soft tokens"])
+    ratio = tuned / base
+    print(
+        f"\nsoft-token inference overhead: {args.family}, {args.size}x{args.size}, {args.steps} steps, "
+        f"{len(PROMPTS)} prompts, CFG on, {args.threads} threads, {args.repeats} repeats, torch {torch.__version__}"
+    )
+    print("| variant | median wall s | min wall s | CPU s (all repeats) |")
+    print("|---|---|---|---|")
+    for name in times:
+        print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | {cpu[name]:.2f} |")
+    print(f"\noverhead ratio (median soft tokens / median base): {ratio:.4f}  ({(ratio - 1) * 100:+.2f}%)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(
+                {
+                    "family": args.family,
+                    "size": args.size,
+                    "steps": args.steps,
+                    "repeats": args.repeats,
+                    "threads": args.threads,
+                    "machine": platform.platform(),
+                    "torch": torch.__version__,
+                    "wall_seconds": times,
+                    "cpu_seconds": cpu,
+                    "ratio": ratio,
+                },
+                handle,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

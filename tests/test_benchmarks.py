@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end on a tiny budget (their numbers come from running them alone)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_inference_prints_the_overhead_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_inference.py"),
+            "--size",
+            "32",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert "overhead ratio" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["ratio"] > 0 and len(data["wall_seconds"]["base"]) == 1
