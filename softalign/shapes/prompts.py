@@ -1,0 +1,106 @@
+"""Every shapes-world prompt in GenEval's metadata format (as `prompts/create_prompts.py` writes them), and the split.
+
+The held-out split holds combinations that training and post-training never see, balanced so every group keeps one:
+- counting: for each asked count (2, 3, 4), one shape;
+- two_object: for each first object, one second object;
+- colors: for each shape, one colour;
+- position: for each ordered pair of shapes, one relation;
+- color_attr: for each ordered pair of shapes, a quarter of the colour pairs.
+single_object has nothing to combine: its four prompts are both trained on and evaluated (GenEval's sanity tag).
+Which member of a group is held out is fixed by an MD5 rank of the prompt, so the split never changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+
+from .vocabulary import COLORS, EVAL_COUNTS, NUMBER_WORDS, PLURALS, RELATIONS, SHAPES, TAGS, TRAIN_COUNTS, article
+
+
+def _line(tag: str, include: list[dict], prompt: str, exclude: list[dict] | None = None) -> dict:
+    line = {"tag": tag, "include": include}
+    if exclude is not None:
+        line["exclude"] = exclude
+    line["prompt"] = prompt
+    return line
+
+
+def _a(word: str) -> str:
+    return f"{article(word)} {word}"
+
+
+def all_prompts() -> list[tuple[str, dict]]:
+    """(group key, metadata line) for every prompt of every tag, training counts included."""
+    lines = []
+    for shape in SHAPES:
+        lines.append((f"single:{shape}", _line("single_object", [{"class": shape, "count": 1}], f"a photo of {_a(shape)}")))
+    for a, b in itertools.permutations(SHAPES, 2):
+        include = [{"class": a, "count": 1}, {"class": b, "count": 1}]
+        lines.append((f"two:{a}", _line("two_object", include, f"a photo of {_a(a)} and {_a(b)}")))
+    for count, shape in itertools.product(TRAIN_COUNTS, SHAPES):
+        exclude = [{"class": shape, "count": count + 1}]
+        prompt = f"a photo of {NUMBER_WORDS[count]} {PLURALS[shape]}"
+        lines.append((f"count:{count}", _line("counting", [{"class": shape, "count": count}], prompt, exclude)))
+    for shape, color in itertools.product(SHAPES, COLORS):
+        include = [{"class": shape, "count": 1, "color": color}]
+        lines.append((f"color:{shape}", _line("colors", include, f"a photo of {_a(color)} {shape}")))
+    for (a, b), relation in itertools.product(itertools.permutations(SHAPES, 2), RELATIONS):
+        include = [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}]
+        lines.append((f"position:{a}:{b}", _line("position", include, f"a photo of {_a(a)} {relation} {_a(b)}")))
+    for (a, b), (ca, cb) in itertools.product(itertools.permutations(SHAPES, 2), itertools.product(COLORS, COLORS)):
+        include = [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
+        prompt = f"a photo of {_a(ca)} {a} and {_a(cb)} {b}"
+        lines.append((f"color_attr:{a}:{b}", _line("color_attr", include, prompt)))
+    return lines
+
+
+def _rank(prompt: str) -> str:
+    return hashlib.md5(prompt.encode("utf-8")).hexdigest()
+
+
+def _held_out(lines: list[tuple[str, dict]]) -> set[str]:
+    groups: dict[str, list[dict]] = {}
+    for key, line in lines:
+        groups.setdefault(key, []).append(line)
+    held = set()
+    for key, members in groups.items():
+        if key.startswith("single:") or key == "count:5":
+            continue  # nothing to combine / a training-only count
+        ranked = sorted(members, key=lambda line: _rank(line["prompt"]))
+        n_held = 1 if not key.startswith("color_attr:") else math.ceil(len(ranked) / 4)
+        held.update(line["prompt"] for line in ranked[:n_held])
+    return held
+
+
+def split_prompts(split: str) -> list[dict]:
+    """Metadata lines of `split`: `"train"` (training and post-training) or `"heldout"` (evaluation only)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}.")
+    lines = all_prompts()
+    held = _held_out(lines)
+    if split == "train":
+        return [line for _, line in lines if line["prompt"] not in held]
+    return [
+        line
+        for _, line in lines
+        if line["prompt"] in held or (line["tag"] == "single_object")
+        if line["tag"] != "counting" or line["include"][0]["count"] in EVAL_COUNTS
+    ]
+
+
+def evaluation_metadata(split: str = "heldout", min_images_per_tag: int = 300) -> list[tuple[dict, int]]:
+    """(metadata line, images to draw) so that every tag of `split` gets at least `min_images_per_tag` images.
+
+    GenEval draws 4 images per prompt; the shapes world has few prompts per tag, so it draws more seeds per prompt.
+    """
+    lines = split_prompts(split)
+    if split == "train":
+        lines = [line for line in lines if line["tag"] != "counting" or line["include"][0]["count"] in EVAL_COUNTS]
+    plan = []
+    for tag in TAGS:
+        members = [line for line in lines if line["tag"] == tag]
+        per_prompt = max(1, math.ceil(min_images_per_tag / len(members)))
+        plan += [(line, per_prompt) for line in members]
+    return plan

@@ -1,0 +1,100 @@
+"""Reports: per-tag Markdown table, counting confusion and over-count rate, runs side by side, verdict grids."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image
+
+from softalign.eval import (
+    caption,
+    compare,
+    counting_confusion,
+    markdown_report,
+    result_row,
+    save_grid,
+    summarize,
+)
+
+
+def counting_row(asked, detected, name="cup"):
+    metadata = {
+        "tag": "counting",
+        "include": [{"class": name, "count": asked}],
+        "exclude": [{"class": name, "count": asked + 1}],
+        "prompt": f"a photo of {asked} {name}s",
+    }
+    details = {name: [[0, 0, 1, 1, 0.95]] * detected} if detected else {}
+    details["plate"] = [[0, 0, 1, 1, 0.99]]  # other classes do not count
+    ok = detected == asked
+    return result_row("x.png", metadata, ok, "" if ok else "wrong count", details)
+
+
+def single_row(ok):
+    metadata = {"tag": "single_object", "include": [{"class": "cup", "count": 1}], "prompt": "a photo of a cup"}
+    return result_row("y.png", metadata, ok, "" if ok else "expected cup>=1, found 0", {})
+
+
+ROWS = [counting_row(2, 2), counting_row(2, 3), counting_row(3, 5), counting_row(4, 3), single_row(True)]
+
+
+def test_counting_confusion_and_over_count_rate():
+    confusion = counting_confusion(ROWS)
+    assert confusion["matrix"] == {2: {2: 1, 3: 1}, 3: {5: 1}, 4: {3: 1}}
+    assert confusion["n"] == 4
+    assert confusion["over_count_rate"] == 0.5 and confusion["under_count_rate"] == 0.25
+    assert counting_confusion([single_row(True)])["over_count_rate"] is None
+
+
+def test_markdown_report_tables():
+    report = markdown_report(ROWS, title="run A")
+    assert report.startswith("# run A\n")
+    assert "| single_object | 1 | 1 | 100.00% | [20.65%, 100.00%] |" in report
+    assert "| counting | 4 | 1 | 25.00% |" in report
+    assert "| **overall** (mean of tags) | 5 | 2 | 62.50% | |" in report
+    assert "| asked \\ detected | 2 | 3 | 5 |" in report
+    assert "| 2 | **1** | 1 | 0 |" in report
+    assert "Over-count rate (detected > asked): 50.00%" in report
+    assert "## Counting" not in markdown_report([single_row(False)])
+
+
+def test_compare_runs_side_by_side():
+    base = summarize([single_row(True), single_row(False), counting_row(2, 3)])
+    better = summarize([single_row(True), single_row(True), counting_row(2, 2)])
+    table = compare({"base": base, "better": better})
+    lines = table.splitlines()
+    assert lines[0] == "| tag | base | better | Δ pts | Δ rel |"
+    assert "| single_object | 50.00% | 100.00% | +50.00 | +100.0% |" in lines
+    assert "| counting | 0.00% | 100.00% | +100.00 | n/a |" in lines  # relative to 0 is undefined
+    assert "| **overall** | 25.00% | 100.00% | +75.00 | +300.0% |" in lines
+    only_single = summarize([single_row(False)])
+    assert "| counting | 0.00% | – | – | – |" in compare({"base": base, "other": only_single})
+    with pytest.raises(ValueError, match="summaries is empty"):
+        compare({})
+
+
+def test_save_grid(tmp_path):
+    images = [Image.new("RGB", (32, 24), c) for c in ("red", "green", "blue")]
+    captions = [caption(r) for r in (single_row(True), single_row(False), counting_row(2, 3))]
+    assert captions[0] == "PASS" and captions[1] == "FAIL\nexpected cup>=1, found 0"
+    path = tmp_path / "grid.png"
+    save_grid(images, captions, path, columns=2)
+    grid = Image.open(path)
+    assert grid.width == 64 and grid.height > 48
+    assert grid.getpixel((0, 0)) == (255, 0, 0) and grid.getpixel((40, 0)) == (0, 128, 0)
+    assert os.listdir(tmp_path) == ["grid.png"]
+    image_path = tmp_path / "red.png"
+    images[0].save(image_path)
+    save_grid([image_path], ["PASS"], tmp_path / "one.jpg", columns=4)
+    assert Image.open(tmp_path / "one.jpg").width == 32
+
+
+def test_save_grid_errors(tmp_path):
+    image = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="1 images but 2 captions"):
+        save_grid([image], ["a", "b"], tmp_path / "g.png")
+    with pytest.raises(ValueError, match="columns must be a positive integer"):
+        save_grid([image], ["a"], tmp_path / "g.png", columns=0)
+    with pytest.raises(ValueError, match="cannot tell the image format"):
+        save_grid([image], ["a"], tmp_path / "g.unknown")
