@@ -62,3 +62,139 @@ def _is_mmdit(module) -> bool:
     from diffusers import SD3Transformer2DModel
 
     return isinstance(module, SD3Transformer2DModel)
+
+
+# -- training-time view of a pipeline ------------------------------------------------------------------------------
+class Backbone:
+    """What a trainer needs from a pipeline, for one family: encode captions and images, noise, call the denoiser.
+
+    Captions go through the pipeline's own `encode_prompt` and images through its VAE, so the conditioning is exactly
+    what `pipe(prompt)` uses; the denoiser is called through its public forward.
+    """
+
+    family: str
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.denoiser = denoiser_of(pipe)
+        self.family = family_of(pipe)
+        config = pipe.scheduler.config
+        if self.family == "sd3":
+            self.prediction_type, self.alphas_cumprod = "flow", None
+        else:
+            self.prediction_type = config.get("prediction_type", "epsilon")
+            self.alphas_cumprod = _alphas_cumprod(pipe.scheduler)
+
+    @property
+    def device(self):
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.denoiser.parameters()).dtype
+
+    def encode_image_moments(self, pixels):
+        """VAE posterior mean and std of images in [-1, 1] `(B, 3, H, W)`, shifted and scaled like the pipeline's
+        latents: a latent sample is `mean + std * noise` (the official code samples the posterior)."""
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scale = vae.config.scaling_factor
+        return ((posterior.mean - shift) * scale).float().cpu(), (posterior.std * scale).float().cpu()
+
+    def encode_prompts(self, captions: list[str]) -> dict:
+        raise NotImplementedError
+
+    def predict(self, noisy, timesteps, conditioning: dict):
+        raise NotImplementedError
+
+
+class UNetBackbone(Backbone):
+    """SD1.x / SD2.x: one CLIP text encoder, `unet(x_t, t, encoder_hidden_states)`."""
+
+    def encode_prompts(self, captions):
+        import torch
+
+        with torch.no_grad():
+            embeds, _ = self.pipe.encode_prompt(
+                list(captions), self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        return {"prompt_embeds": embeds}
+
+    def predict(self, noisy, timesteps, conditioning):
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
+
+
+class SDXLBackbone(Backbone):
+    """SDXL: two CLIP encoders; the UNet also takes the pooled embedding and the size/crop `time_ids`."""
+
+    def encode_prompts(self, captions):
+        import torch
+
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                list(captions), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def predict(self, noisy, timesteps, conditioning):
+        import torch
+
+        # (original size, crop top-left, target size) of a centre-cropped square at the training resolution.
+        side = noisy.shape[-1] * self.pipe.vae_scale_factor
+        time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=noisy.device, dtype=noisy.dtype)
+        added = {
+            "text_embeds": conditioning["pooled_prompt_embeds"],
+            "time_ids": time_ids.expand(noisy.shape[0], -1),
+        }
+        return self.denoiser(
+            noisy, timesteps, encoder_hidden_states=conditioning["prompt_embeds"], added_cond_kwargs=added
+        ).sample
+
+
+class SD3Backbone(Backbone):
+    """SD3 / SD3.5: three text encoders; a flow model called with t in [0, 1000] and the pooled projection."""
+
+    def encode_prompts(self, captions):
+        import torch
+
+        with torch.no_grad():
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(captions),
+                prompt_2=None,
+                prompt_3=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def predict(self, noisy, timesteps, conditioning):
+        timesteps = timesteps.to(noisy.dtype).reshape(-1).expand(noisy.shape[0])
+        return self.denoiser(
+            hidden_states=noisy,
+            timestep=timesteps,
+            encoder_hidden_states=conditioning["prompt_embeds"],
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+        ).sample
+
+
+def backbone_for(pipe) -> Backbone:
+    """The [`Backbone`] of a `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `StableDiffusion3Pipeline`."""
+    family = family_of(pipe)
+    if not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is None:
+        raise ValueError(f"Expected a diffusers text-to-image pipeline with a VAE, got {type(pipe).__name__}.")
+    return {"sd15": UNetBackbone, "sd2": UNetBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}[family](pipe)
+
+
+def _alphas_cumprod(scheduler):
+    import torch
+
+    values = getattr(scheduler, "alphas_cumprod", None)
+    if values is None:
+        raise ValueError(f"{type(scheduler).__name__} has no alphas_cumprod; SoftAlign needs a DDPM-family schedule.")
+    return torch.as_tensor(values, dtype=torch.float32)

@@ -134,6 +134,17 @@ class SoftTokenInjection:
             self.bank_ids = previous
 
     @contextmanager
+    def swapped(self, soft_tokens: SoftTokens):
+        """Inject other tokens of the same config (e.g. the EMA copy) for the calls inside the block."""
+        if soft_tokens.config.parameter_shapes() != self.soft_tokens.config.parameter_shapes():
+            raise ValueError("swapped() needs soft tokens of the same shapes as the attached ones.")
+        previous, self.soft_tokens = self.soft_tokens, soft_tokens
+        try:
+            yield self
+        finally:
+            self.soft_tokens = previous
+
+    @contextmanager
     def disabled(self):
         """Run the untouched denoiser inside the block (hooks stay registered)."""
         previous, self.enabled = self.enabled, False

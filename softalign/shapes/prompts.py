@@ -35,7 +35,9 @@ def all_prompts() -> list[tuple[str, dict]]:
     """(group key, metadata line) for every prompt of every tag, training counts included."""
     lines = []
     for shape in SHAPES:
-        lines.append((f"single:{shape}", _line("single_object", [{"class": shape, "count": 1}], f"a photo of {_a(shape)}")))
+        lines.append(
+            (f"single:{shape}", _line("single_object", [{"class": shape, "count": 1}], f"a photo of {_a(shape)}"))
+        )
     for a, b in itertools.permutations(SHAPES, 2):
         include = [{"class": a, "count": 1}, {"class": b, "count": 1}]
         lines.append((f"two:{a}", _line("two_object", include, f"a photo of {_a(a)} and {_a(b)}")))

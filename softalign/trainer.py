@@ -1,0 +1,399 @@
+"""`SoftAlignTrainer`: the reward-free soft-token stage (AGSM, SoftREPA) as one composable, resumable trainer.
+
+One optimiser step (see METHOD.md section 2 and DESIGN.md "Data flow"):
+1. a batch of cached latents and caption conditioning; one t and one noise tensor shared by every pair;
+2. the pair grid: every image against the captions of its group (its own = positive, the others = negatives);
+3. in chunks of `chunk_size` images: online predictions (psi+ rows for positives, psi- for negatives) and, for AGSM,
+   EMA predictions without gradient; the chunk's share of the objective is backpropagated at once;
+4. gradients averaged over processes, clipped, AdamW step on the trained parameters only, EMA update, log.
+
+Randomness (data order, t, noise, latent samples) is a pure function of (seed, step, micro-batch, process), so a
+resumed run replays exactly what an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import objectives
+from .backbones import backbone_for, context_dim_of
+from .cache import EncodingCache
+from .checkpoints import resolve_checkpoint, save_checkpoint
+from .config import SoftAlignConfig
+from .data import as_examples
+from .loaders import save_soft_tokens
+from .run_lock import RunLock
+from .soft_tokens import SoftTokens, SoftTokensConfig
+from .trainable import TrainableState
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    log_history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0
+
+
+class SoftAlignTrainer:
+    """Train soft tokens (and/or a LoRA) with AGSM or SoftREPA on image-caption pairs.
+
+    Args:
+        pipeline: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `StableDiffusion3Pipeline` (its weights
+            stay frozen; only the soft tokens / LoRA train).
+        args ([`SoftAlignConfig`]): the run configuration.
+        train_dataset: an image folder path, a `datasets.Dataset`, or an iterable of `(image, caption)`.
+        soft_tokens ([`SoftTokens`], *optional*): tokens to train (e.g. from an earlier stage); new ones with the
+            family's official configuration when neither this nor `peft_config` is given.
+        peft_config (`peft.LoraConfig`, *optional*): train a LoRA on the denoiser (two adapters for AGSM).
+        callbacks (`list`, *optional*): objects with any of `on_step_end(trainer, logs)`, `on_save(trainer, path)`,
+            `on_train_end(trainer)`.
+
+    Example:
+        ```py
+        >>> from softalign import SoftAlignConfig, SoftAlignTrainer
+        >>> trainer = SoftAlignTrainer(pipe, SoftAlignConfig(output_dir="runs/agsm", max_steps=500), "data/coco")
+        >>> trainer.train()
+        >>> trainer.save_model()  # runs/agsm/adapter
+        ```
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        args: SoftAlignConfig,
+        train_dataset,
+        soft_tokens=None,
+        peft_config=None,
+        callbacks=None,
+        accelerator=None,
+    ):
+        from accelerate import Accelerator
+
+        self.pipe = pipeline
+        self.backbone = backbone_for(pipeline)
+        self.args = args.resolved(self.backbone.family)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=self.args.mixed_precision,
+            log_with=None if self.args.report_to == "none" else self.args.report_to,
+            project_dir=self.args.output_dir,
+        )
+        self.callbacks = list(callbacks or [])
+        self.state = TrainerState()
+        self.output_dir = Path(self.args.output_dir)
+        agsm = self.args.objective == "agsm"
+        if soft_tokens is None and peft_config is None:
+            torch.manual_seed(self.args.seed)  # the same initial tokens on every process
+            soft_tokens = self._new_soft_tokens()
+        if soft_tokens is not None and agsm and soft_tokens.n_banks < 2:
+            raise ValueError("AGSM needs soft tokens with two banks (psi+, psi-); these have one.")
+        self.backbone.denoiser.requires_grad_(False)
+        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipeline, name, None)
+            if module is not None:
+                module.requires_grad_(False)
+        self.trainable = TrainableState(pipeline, soft_tokens, peft_config, two_banks=agsm, ema=agsm)
+        self.soft_tokens = soft_tokens
+        self.peft_config = peft_config
+        self.examples = as_examples(train_dataset)
+        self.optimizer = torch.optim.AdamW(
+            self.trainable.parameters(),
+            lr=self.args.learning_rate,
+            betas=(self.args.adam_beta1, self.args.adam_beta2),
+            eps=self.args.adam_epsilon,
+            weight_decay=self.args.weight_decay,
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(
+            self.args.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=self.args.lr_warmup_steps,
+            num_training_steps=self.args.max_steps,
+        )
+        self.data = None
+
+    def _new_soft_tokens(self) -> SoftTokens:
+        family = self.backbone.family
+        config = SoftTokensConfig.for_family(family, dim=context_dim_of(self.pipe), objective=self.args.objective)
+        tokens = SoftTokens(config)
+        if config.init == "null_prompt":
+            tokens.init_from_null_prompt(self.backbone.encode_prompts([""])["prompt_embeds"][:1].cpu())
+        return tokens
+
+    # -- derived quantities -------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    def derived(self) -> dict:
+        a = self.args
+        images = a.train_batch_size * a.gradient_accumulation_steps * self.world_size
+        pairs = images * (a.negatives_per_positive + 1)
+        return {
+            "images_per_step": images,
+            "pairs_per_step": pairs,
+            "denoiser_rows_per_step": pairs * (2 if a.objective == "agsm" else 1),
+            "trainable_parameters": sum(p.numel() for p in self.trainable.parameters()),
+            "examples": len(self.data) if self.data is not None else len(self.examples),
+        }
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def prepare_data(self):
+        """Encode (or reuse from the cache) every example once; only the main process encodes."""
+        cache_dir = self.args.cache_dir or str(self.output_dir / "cache")
+        cache = EncodingCache(cache_dir, self.pipe, self.backbone, self.args.resolution, self.args.center_crop)
+        with self.accelerator.main_process_first():
+            self.data = cache.encode(self.examples, skip_bad_images=self.args.skip_bad_images)
+        per_step = self.args.train_batch_size * self.world_size
+        if len(self.data) < per_step:
+            raise ValueError(
+                f"{len(self.data)} usable examples, fewer than one batch ({self.args.train_batch_size} per process x "
+                f"{self.world_size} processes)."
+            )
+        return self.data
+
+    def _generator(self, step: int, micro: int) -> torch.Generator:
+        rank = self.accelerator.process_index
+        return torch.Generator().manual_seed(((self.args.seed * 1_000_003 + step) * 1009 + micro) * 131 + rank)
+
+    def _batch_indices(self, step: int, micro: int) -> torch.Tensor:
+        """Examples of this process's micro-batch: an epoch-seeded permutation, cut into consecutive batches."""
+        b, world = self.args.train_batch_size, self.world_size
+        per_epoch = len(self.data) // (b * world)
+        counter = step * self.args.gradient_accumulation_steps + micro
+        epoch, position = divmod(counter, per_epoch)
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        start = (position * world + self.accelerator.process_index) * b
+        return order[start : start + b]
+
+    # -- one micro-batch ------------------------------------------------------------------------------------------
+    def _micro_step(self, step: int, micro: int) -> dict:
+        a, backbone, device = self.args, self.backbone, self.backbone.device
+        generator = self._generator(step, micro)
+        latents, conditioning = self.data.batch(self._batch_indices(step, micro), generator)
+        t = torch.randint(a.min_timestep, a.max_timestep, (1,), generator=generator)
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator).expand_as(latents)
+        latents, noise, t = latents.to(device), noise.to(device), t.to(device)
+        noisy = objectives.add_noise(latents, noise, t, backbone.prediction_type, backbone.alphas_cumprod)
+        target = objectives.training_target(latents, noise, t, backbone.prediction_type, backbone.alphas_cumprod)
+        conditioning = {k: v.to(device) for k, v in conditioning.items()}
+        n_images, group = latents.shape[0], a.negatives_per_positive + 1
+        totals = {"loss": 0.0, "win_rate": 0.0, "weight_margin": 0.0, "reward_margin": 0.0}
+        for start in range(0, n_images, a.chunk_size):
+            images = torch.arange(start, min(start + a.chunk_size, n_images))
+            loss, diagnostics = self._chunk_loss(images, group, noisy, target, t, conditioning, n_images)
+            self.accelerator.backward(loss / a.gradient_accumulation_steps)
+            totals["loss"] += loss.item()
+            for key, value in diagnostics.items():
+                totals[key] += value * len(images) / n_images
+        return totals
+
+    def _chunk_loss(self, images, group, noisy, target, t, conditioning, n_images):
+        a = self.args
+        candidates = (images // group)[:, None] * group + torch.arange(group)  # (n, K) caption rows of each image
+        labels = images % group
+        image_rows = images[:, None].expand_as(candidates).reshape(-1)
+        caption_rows = candidates.reshape(-1)
+        banks = (caption_rows != image_rows).long() if a.objective == "agsm" else torch.zeros_like(caption_rows)
+        shape = (len(images), group, *noisy.shape[1:])
+
+        def predict(index):
+            rows = image_rows[index].to(noisy.device)
+            cond = {k: v[caption_rows[index].to(v.device)] for k, v in conditioning.items()}
+            with self.accelerator.autocast():
+                return self.backbone.predict(noisy[rows], t.expand(len(index)), cond).float()
+
+        prediction = self.trainable.forward(predict, banks).reshape(shape)
+        if a.objective == "softrepa":
+            errors = objectives.pair_errors(prediction, target[images][:, None])
+            rows = objectives.softrepa_rows(errors, labels, a.softrepa_tau, a.softrepa_scale, a.dweight)
+            logits = a.softrepa_scale * torch.exp(-errors.detach() / a.softrepa_tau)
+            diag = objectives.preference_diagnostics(torch.softmax(logits, 1), -errors.detach(), labels)
+            return rows.sum() / n_images, _as_floats(diag)
+        with torch.no_grad():
+            ema_prediction = self.trainable.forward(predict, banks, ema=True).reshape(shape)
+        terms = objectives.agsm_rows(
+            prediction,
+            ema_prediction,
+            target[images][:, None],
+            labels,
+            a.gamma_pos,
+            a.gamma_neg,
+            a.temperature,
+            a.preference,
+        )
+        loss = objectives.agsm_loss_from_rows(terms, n_images, n_images * (group - 1), a.gamma_neg)
+        return loss, _as_floats(objectives.preference_diagnostics(terms.weights, terms.rewards, labels))
+
+    # -- optimiser step -------------------------------------------------------------------------------------------
+    def _optimizer_step(self, step: int) -> dict:
+        a = self.args
+        totals: dict[str, float] = {}
+        for micro in range(a.gradient_accumulation_steps):
+            for key, value in self._micro_step(step, micro).items():
+                totals[key] = totals.get(key, 0.0) + value / a.gradient_accumulation_steps
+        params = self.trainable.parameters()
+        for p in params:  # average over processes (every rank then takes the same step)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        loss = torch.tensor(totals["loss"], device=self.backbone.device)
+        loss = float(self.accelerator.reduce(loss, reduction="mean"))
+        totals["loss"] = loss
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            if a.on_nonfinite_loss == "stop":
+                raise FloatingPointError(
+                    f"Non-finite loss ({loss}) at step {step}; stopping (set on_nonfinite_loss='skip' to skip such steps)."
+                )
+            self.state.skipped_steps += 1
+            totals["skipped"] = 1.0
+            return totals
+        if a.max_grad_norm is not None:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.args.objective == "agsm":
+            self.trainable.update_ema(a.ema_decay)
+        totals["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return totals
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def train(self) -> TrainerState:
+        from tqdm.auto import tqdm
+
+        a = self.args
+        with RunLock(self.output_dir, enabled=self.accelerator.is_main_process):
+            if self.data is None:
+                self.prepare_data()
+            checkpoint = resolve_checkpoint(self.output_dir, a.resume_from_checkpoint)
+            if checkpoint is not None:
+                self._load_checkpoint(checkpoint)
+            if self.accelerator.is_main_process:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                a.save(self.output_dir / "softalign_config.json")
+                self._print_start()
+            if self.accelerator.log_with:
+                self.accelerator.init_trackers("softalign", config=_flat(a.to_dict()))
+            progress = tqdm(
+                total=a.max_steps,
+                initial=self.state.global_step,
+                disable=not self.accelerator.is_local_main_process,
+                desc=f"softalign {a.objective}",
+                dynamic_ncols=True,
+            )
+            start = time.time()
+            while self.state.global_step < a.max_steps:
+                logs = self._optimizer_step(self.state.global_step)
+                self.state.global_step += 1
+                step = self.state.global_step
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", win=f"{logs.get('win_rate', 0):.2f}")
+                if step % a.logging_steps == 0 or step == a.max_steps:
+                    record = {"step": step, "wall_seconds": round(time.time() - start, 3), **logs}
+                    self.state.log_history.append(record)
+                    if self.accelerator.log_with:
+                        self.accelerator.log(logs, step=step)
+                    self._callback("on_step_end", record)
+                if a.sample_steps and step % a.sample_steps == 0 and a.sample_prompts:
+                    self.save_samples(step)
+                if (a.save_steps and step % a.save_steps == 0) or step == a.max_steps:
+                    self.save_checkpoint()
+            progress.close()
+            self.accelerator.end_training()
+            self._callback("on_train_end")
+        return self.state
+
+    def _print_start(self) -> None:
+        stats = self.data.stats
+        print(
+            f"softalign {self.args.objective} on {self.backbone.family}: {json.dumps(self.derived())}; "
+            f"cache: {stats.images_encoded} images and {stats.captions_encoded} captions encoded, "
+            f"{stats.images_reused} images reused, {len(stats.skipped)} skipped",
+            flush=True,
+        )
+
+    def _callback(self, event: str, *payload) -> None:
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self, *payload)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoint-<step>` (atomic, with an integrity record); keeps `save_total_limit` of them."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        from safetensors.torch import save_file
+
+        def write(folder: Path):
+            save_file(self.trainable.state_dict(), str(folder / "trainable.safetensors"))
+            torch.save(
+                {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()},
+                folder / "optimizer.pt",
+            )
+            state = {
+                "global_step": self.state.global_step,
+                "log_history": self.state.log_history,
+                "skipped_steps": self.state.skipped_steps,
+                "config": self.args.to_dict(),
+            }
+            (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+        path = save_checkpoint(self.output_dir, self.state.global_step, write, self.args.save_total_limit)
+        self._callback("on_save", path)
+        return path
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
+        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(optim["optimizer"])
+        self.lr_scheduler.load_state_dict(optim["lr_scheduler"])
+        state = json.loads((path / "trainer_state.json").read_text())
+        self.state = TrainerState(state["global_step"], state["log_history"], state.get("skipped_steps", 0))
+
+    # -- outputs --------------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write the trained adapter(s) and the run config: `adapter/` (soft tokens, psi+ and psi-), `lora/<name>/`."""
+        target = Path(output_dir) if output_dir is not None else self.output_dir / "adapter"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            if self.soft_tokens is not None:
+                save_soft_tokens(self.soft_tokens, target)
+            for name in self.trainable.adapters:
+                self.backbone.denoiser.save_lora_adapter(str(target.parent / "lora" / name), adapter_name=name)
+            self.args.save(target.parent / "softalign_config.json")
+        return target
+
+    @torch.no_grad()
+    def save_samples(self, step: int) -> Path | None:
+        """Generate the sample prompts with the current psi+ parameters and save a PNG grid."""
+        if not self.accelerator.is_main_process:
+            return None
+        from .eval.report import save_grid
+
+        generator = torch.Generator().manual_seed(self.args.seed)
+        images = self.pipe(list(self.args.sample_prompts), generator=generator, num_inference_steps=20).images
+        path = self.output_dir / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(images, list(self.args.sample_prompts), path, columns=min(4, len(images)))
+        return path
+
+
+def _as_floats(diagnostics) -> dict:
+    return {k: float(v) for k, v in vars(diagnostics).items()}
+
+
+def _flat(config: dict) -> dict:
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in config.items()}
