@@ -51,6 +51,11 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, pred
     raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow', got {prediction_type!r}.")
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Losses run in float32 even under fp16 autocast; float64 inputs (tests) keep their precision."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     values = values.reshape(-1)
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
@@ -59,7 +64,7 @@ def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # -- per-pair errors -------------------------------------------------------------------------------------------------
 def pair_errors(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """`err(i, j) = mean over C, H, W of (prediction - target)^2`: `(B, K, C, H, W)` -> `(B, K)`."""
-    return (prediction.float() - target.float()).square().flatten(2).mean(-1)
+    return (_at_least_float32(prediction) - _at_least_float32(target)).square().flatten(2).mean(-1)
 
 
 def positive_mask(labels: torch.Tensor, n_candidates: int) -> torch.Tensor:
@@ -132,8 +137,8 @@ def agsm_rows(
         preference (`str`, *optional*): `"plackett_luce"` (the paper) or `"bradley_terry"` (its ablation: each
             negative is weighed against the positive alone, see [`bradley_terry_directions`]).
     """
-    ema_prediction = ema_prediction.detach().float()
-    target = target.detach().float().expand_as(ema_prediction)
+    ema_prediction = _at_least_float32(ema_prediction.detach())
+    target = _at_least_float32(target.detach()).expand_as(ema_prediction)
     rewards = -(target - ema_prediction).square().flatten(2).mean(-1)  # (B, K)
     n_candidates = rewards.shape[1]
     mask = positive_mask(labels, n_candidates)

@@ -118,6 +118,7 @@ class SoftAlignTrainer:
             num_training_steps=self.args.max_steps,
         )
         self.data = None
+        self.should_stop = False  # a callback may set it to end train() after the current step
 
     def _new_soft_tokens(self) -> SoftTokens:
         family = self.backbone.family
@@ -291,22 +292,23 @@ class SoftAlignTrainer:
                 dynamic_ncols=True,
             )
             start = time.time()
-            while self.state.global_step < a.max_steps:
+            self.should_stop = False
+            while self.state.global_step < a.max_steps and not self.should_stop:
                 logs = self._optimizer_step(self.state.global_step)
                 self.state.global_step += 1
                 step = self.state.global_step
                 progress.update(1)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", win=f"{logs.get('win_rate', 0):.2f}")
+                record = {"step": step, "wall_seconds": round(time.time() - start, 3), **logs}
                 if step % a.logging_steps == 0 or step == a.max_steps:
-                    record = {"step": step, "wall_seconds": round(time.time() - start, 3), **logs}
                     self.state.log_history.append(record)
                     if self.accelerator.log_with:
                         self.accelerator.log(logs, step=step)
-                    self._callback("on_step_end", record)
                 if a.sample_steps and step % a.sample_steps == 0 and a.sample_prompts:
                     self.save_samples(step)
                 if (a.save_steps and step % a.save_steps == 0) or step == a.max_steps:
                     self.save_checkpoint()
+                self._callback("on_step_end", record)  # may set trainer.should_stop
             progress.close()
             self.accelerator.end_training()
             self._callback("on_train_end")

@@ -167,25 +167,52 @@ def core_color(rgb: np.ndarray, ink: np.ndarray, mask: np.ndarray) -> str:
     return _COLOR_NAMES[int(pixel_colors(median[None])[0][0])]
 
 
-def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    padded = np.pad(mask, 1)
+    out = np.zeros_like(mask)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            out |= padded[dy : dy + h, dx : dx + w]
+    return out
+
+
+def subpixel_box(mask: np.ndarray, ink: np.ndarray, threshold: float) -> tuple[float, float, float, float]:
+    """Box `(x0, y0, x1, y1)` of a component with sub-pixel edges.
+
+    Whole-pixel extents are up to half a pixel off per edge, enough to flip GenEval's position rule on close
+    diagonal pairs. An edge at `e` covers the last outside pixel by `max(0, x0 - e)` and the first inside one by
+    `min(1, x0 + 1 - e)`, so `x0 - cover(x0 - 1) + 1 - cover(x0)` recovers `e`; cover is the most-covered pixel of
+    the column (ink over the component's full ink), counting only the component and its rim, not a neighbour.
+    """
     ys, xs = np.nonzero(mask)
-    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    background = float(np.median(ink))
+    full = max(float(np.percentile(ink[mask], 90)), threshold) - background
+    near = _dilate(mask) & ~((ink > threshold) & ~mask)
+    cover = np.where(near, np.clip((ink - background) / full, 0.0, 1.0), 0.0)
+    cols, rows = np.pad(cover.max(0), 1), np.pad(cover.max(1), 1)  # padded: index i + 1 is column i
+    return (
+        float(x0 - cols[x0] + 1 - cols[x0 + 1]),
+        float(y0 - rows[y0] + 1 - rows[y0 + 1]),
+        float(x1 + cols[x1 + 1] - 1 + cols[x1]),
+        float(y1 + rows[y1 + 1] - 1 + rows[y1]),
+    )
 
 
 def find_components(rgb: np.ndarray, config: DetectorConfig) -> tuple[np.ndarray, list[Component]]:
     """The ink map and the components of one image worth classifying (specks and faint smudges dropped)."""
     ink = ink_map(rgb)
     labels = label_components(ink > config.ink_threshold)
-    min_area = max(2.0, config.min_area * ink.size / 64**2)
     ids, counts = np.unique(labels[labels >= 0], return_counts=True)
     components = []
     for ident, count in zip(ids, counts, strict=True):
-        if count < min_area:
+        if count < _min_area(ink, config):
             continue
         mask = labels == ident
         if ink[mask].max() < config.peak_threshold:
             continue
-        components.append(Component(_box(mask), mask, core_color(rgb, ink, mask)))
+        components.append(Component(subpixel_box(mask, ink, config.ink_threshold), mask, core_color(rgb, ink, mask)))
     return ink, components
 
 
@@ -226,16 +253,41 @@ def split_by_color(rgb: np.ndarray, ink: np.ndarray, component: Component, confi
     if np.sort(counts)[-2] < config.split_share * len(index):
         return []
     parts = []
-    min_area = max(2.0, config.min_area * ink.size / 64**2)
     for k in np.nonzero(counts >= config.split_share * len(index))[0]:
         sub = np.zeros_like(component.mask)
         sub[ys[index == k], xs[index == k]] = True
         labels = label_components(sub)
         for ident in np.unique(labels[labels >= 0]):
             mask = labels == ident
-            if mask.sum() >= min_area:
-                parts.append(Component(_box(mask), mask, _COLOR_NAMES[k]))
+            if mask.sum() >= _min_area(ink, config):
+                parts.append(Component(subpixel_box(mask, ink, config.ink_threshold), mask, _COLOR_NAMES[k]))
     return parts
+
+
+def split_by_ink(rgb: np.ndarray, ink: np.ndarray, component: Component, config: DetectorConfig) -> list[Component]:
+    """Parts of one component whose cores separate at a higher ink level (two same-coloured objects joined by their
+    soft edges or a thin neck); each core then takes back its own soft edge. `[]` when no level separates it."""
+    full = float(np.percentile(ink[component.mask], 90))
+    for level in (0.6, 0.75, 0.9):
+        labels = label_components(component.mask & (ink > level * full))
+        ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+        cores = ids[counts >= _min_area(ink, config)]
+        if len(cores) >= 2:
+            break
+    else:
+        return []
+    owner = np.full(ink.shape, -1)
+    for k, ident in enumerate(cores):
+        owner[labels == ident] = k
+    for _ in range(3):  # soft edges are about two pixels wide; a contested pixel goes to the first core
+        for k in range(len(cores)):
+            owner[_dilate(owner == k) & component.mask & (owner == -1)] = k
+    masks = [owner == k for k in range(len(cores))]
+    return [Component(subpixel_box(m, ink, config.ink_threshold), m, core_color(rgb, ink, m)) for m in masks]
+
+
+def _min_area(ink: np.ndarray, config: DetectorConfig) -> float:
+    return max(2.0, config.min_area * ink.size / 64**2)
 
 
 class ShapesDetector:
@@ -289,7 +341,9 @@ class ShapesDetector:
         for rgb, (ink, comps) in zip(arrays, found, strict=True):
             kept = []
             for comp in comps:
-                parts = split_by_color(rgb, ink, comp, self.config) if comp.label == "junk" else []
+                parts = []
+                if comp.label == "junk":  # maybe touching objects: split by colour, else by ink level
+                    parts = split_by_color(rgb, ink, comp, self.config) or split_by_ink(rgb, ink, comp, self.config)
                 kept += parts or [comp]
                 if parts:
                     retry.append((ink, parts))
@@ -307,21 +361,22 @@ class ShapesDetector:
             comp.probs = p
 
     def detect_batch(self, images) -> list[list[Detection]]:
-        """Detections of each image: per component its most likely shape with that shape's calibrated probability.
+        """Detections of each image (see [`ShapesDetector.to_detections`]); images of any size and mode."""
+        return [self.to_detections(comps) for comps in self.analyze(images)]
+
+    def to_detections(self, components: list[Component]) -> list[Detection]:
+        """Per component its most likely shape with that shape's calibrated probability.
 
         A component that is more likely `junk` still reports its best shape with its (low) probability: GenEval's
-        thresholds decide, as they do with any detector's candidates.
+        thresholds decide, as they do with any detector's candidates. Below `min_score` nothing is reported.
         """
-        results = []
-        for comps in self.analyze(images):
-            detections = []
-            for comp in comps:
-                k = int(np.argmax(comp.probs[: len(SHAPES)]))
-                score = float(comp.probs[k])
-                if score >= self.config.min_score:
-                    detections.append(Detection(SHAPES[k], score, comp.box, comp.mask, comp.color))
-            results.append(detections)
-        return results
+        detections = []
+        for comp in components:
+            k = int(np.argmax(comp.probs[: len(SHAPES)]))
+            score = float(comp.probs[k])
+            if score >= self.config.min_score:
+                detections.append(Detection(SHAPES[k], score, comp.box, comp.mask, comp.color))
+        return detections
 
     def __call__(self, image) -> list[Detection]:
         return self.detect_batch([image])[0]

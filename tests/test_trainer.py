@@ -1,0 +1,216 @@
+import copy
+
+import pytest
+import torch
+from shapes_data import shapes_pairs
+
+from softalign import load_soft_tokens, save_soft_tokens
+from softalign.backbones import denoiser_of
+from softalign.checkpoints import list_checkpoints
+from softalign.config import SoftAlignConfig
+from softalign.testing import tiny_pipeline
+from softalign.trainer import SoftAlignTrainer
+
+PAIRS = shapes_pairs()
+
+
+def config(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=3, logging_steps=1, resolution=32, save_steps=0)
+    settings.update(overrides)
+    return SoftAlignConfig(**settings)
+
+
+def frozen_state(pipe):
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    return [copy.deepcopy(m.state_dict()) for m in modules], modules
+
+
+@pytest.mark.parametrize(
+    "family, objective", [("sd15", "agsm"), ("sdxl", "agsm"), ("sd3", "agsm"), ("sd15", "softrepa")]
+)
+def test_short_run_trains_every_token_and_nothing_else(family, objective, tmp_path):
+    pipe = tiny_pipeline(family)
+    before, modules = frozen_state(pipe)
+    trainer = SoftAlignTrainer(pipe, config(tmp_path, objective=objective), PAIRS)
+    initial = {k: v.clone() for k, v in trainer.soft_tokens.state_dict().items()}
+    state = trainer.train()
+    for name, value in trainer.soft_tokens.state_dict().items():
+        assert (value != initial[name]).all(), name  # every element moved (AdamW decay reaches unused rows)
+    for saved, module in zip(before, modules, strict=True):
+        assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+    assert state.global_step == 3 and len(state.log_history) == 3
+    assert {"loss", "win_rate", "reward_margin", "lr"} <= set(state.log_history[-1])
+    adapter = trainer.save_model()
+    fresh = tiny_pipeline(family)
+    loaded = load_soft_tokens(fresh, adapter)
+    assert all(torch.equal(loaded.soft_tokens.state_dict()[k], v) for k, v in trainer.soft_tokens.state_dict().items())
+    assert (tmp_path / "run" / "softalign_config.json").is_file()
+
+
+class StopAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, logs):
+        if logs["step"] == self.step:
+            trainer.should_stop = True
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    settings = dict(max_steps=5, save_steps=1, gradient_accumulation_steps=2, train_batch_size=4, lr_scheduler="cosine")
+    whole = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "a", **settings), PAIRS)
+    whole.train()
+    first = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "b", **settings), PAIRS, callbacks=[StopAt(2)])
+    first.train()
+    assert first.state.global_step == 2
+    second = SoftAlignTrainer(
+        tiny_pipeline("sd15"), config(tmp_path / "b", resume_from_checkpoint="latest", **settings), PAIRS
+    )
+    second.train()
+    assert second.state.global_step == 5
+    for name, value in whole.trainable.state_dict().items():
+        assert torch.equal(value, second.trainable.state_dict()[name]), name  # online and EMA tokens
+    assert [r["loss"] for r in whole.state.log_history] == [r["loss"] for r in second.state.log_history]
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == [
+        "checkpoint-3",
+        "checkpoint-4",
+        "checkpoint-5",
+    ]
+
+
+def test_a_damaged_or_half_written_checkpoint_is_never_resumed(tmp_path):
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path, max_steps=2, save_steps=1), PAIRS)
+    trainer.train()
+    run = tmp_path / "run"
+    (run / ".checkpoint-3.tmp-deadbeef").mkdir()  # a write interrupted before its rename
+    weights = run / "checkpoint-2" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated after the fact
+    counter = StopAt(-1)
+    counter.calls = 0
+    counter.on_step_end = lambda trainer, logs: setattr(counter, "calls", counter.calls + 1)
+    resumed = SoftAlignTrainer(
+        tiny_pipeline("sd15"),
+        config(tmp_path, max_steps=2, resume_from_checkpoint="latest"),
+        PAIRS,
+        callbacks=[counter],
+    )
+    with pytest.warns(UserWarning, match="checkpoint-2 .*does not match its checksum"):
+        resumed.train()
+    assert counter.calls == 1  # resumed from checkpoint-1, then trained step 2 again
+    assert [r["step"] for r in resumed.state.log_history] == [1, 2]
+    weights.write_bytes(weights.read_bytes()[:-7])  # the resumed run rewrote checkpoint-2; damage it again
+    with pytest.raises(ValueError, match="Refusing to resume from the damaged checkpoint"):
+        SoftAlignTrainer(
+            tiny_pipeline("sd15"), config(tmp_path, resume_from_checkpoint=str(run / "checkpoint-2")), PAIRS
+        ).train()
+
+
+def test_chunk_size_does_not_change_the_result(tmp_path):
+    results = []
+    for chunk in (1, 4):
+        trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / str(chunk), chunk_size=chunk), PAIRS)
+        trainer.train()
+        results.append(trainer.soft_tokens.state_dict())
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], rtol=1e-5, atol=1e-7), name
+
+
+def test_cache_is_reused_across_runs_and_invalidated_by_model_or_resolution(tmp_path):
+    cache = str(tmp_path / "cache")
+
+    def encode(pipe, **overrides):
+        trainer = SoftAlignTrainer(pipe, config(tmp_path, cache_dir=cache, **overrides), PAIRS)
+        return trainer.prepare_data().stats
+
+    first = encode(tiny_pipeline("sd15"))
+    assert (first.images_encoded, first.captions_encoded) == (16, 16)
+    again = encode(tiny_pipeline("sd15"))
+    assert (again.images_encoded, again.captions_encoded, again.images_reused) == (0, 0, 16)
+    other_model = encode(tiny_pipeline("sd15", seed=1))  # a changed VAE / text encoder
+    assert other_model.images_encoded == 16
+    other_size = encode(tiny_pipeline("sd15"), resolution=16)
+    assert other_size.images_encoded == 16
+
+
+def test_bad_images_are_named_or_skipped_and_counted(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for i, (image, caption) in enumerate(PAIRS[:8]):
+        image.save(folder / f"{i}.png")
+        lines.append(f'{{"file_name": "{i}.png", "text": "{caption}"}}')
+    (folder / "3.png").write_bytes(b"\x89PNG broken")
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"3\.png is not a readable image"):
+        SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path), folder).prepare_data()
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path, skip_bad_images=True), folder)
+    data = trainer.prepare_data()
+    assert len(data) == 7 and data.stats.skipped == [str(folder / "3.png")]
+
+
+def test_a_second_run_on_the_same_directory_refuses_to_start(tmp_path):
+    from softalign.run_lock import RunLock
+
+    with RunLock(tmp_path / "run"):
+        with pytest.raises(RuntimeError, match="Another softalign run"):
+            SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path), PAIRS).train()
+    SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path, max_steps=1), PAIRS).train()  # free again
+
+
+def test_nonfinite_loss_stops_or_skips(tmp_path):
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path), PAIRS)
+    with torch.no_grad():
+        trainer.soft_tokens.tokens.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="Non-finite loss"):
+        trainer.train()
+    skipping = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "s", on_nonfinite_loss="skip"), PAIRS)
+    with torch.no_grad():
+        skipping.soft_tokens.tokens.fill_(float("nan"))
+    assert skipping.train().skipped_steps == 3
+
+
+def test_lora_adapters_each_learn_only_from_their_own_pairs(tmp_path):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline("sd15")
+    lora = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
+    trainer = SoftAlignTrainer(pipe, config(tmp_path, max_steps=2), PAIRS, peft_config=lora)
+    assert trainer.soft_tokens is None and trainer.trainable.adapters == ["softalign_pos", "softalign_neg"]
+    trainable = trainer.trainable
+    x = torch.randn(4, 4, 16, 16)
+    context = torch.randn(4, 5, 32)
+
+    def predict(index):
+        return denoiser_of(pipe)(x[index], 10, encoder_hidden_states=context[index]).sample
+
+    for bank, own, other in ((0, "softalign_pos", "softalign_neg"), (1, "softalign_neg", "softalign_pos")):
+        trainable.denoiser.zero_grad(set_to_none=True)
+        banks = torch.tensor([0, 1, 1, 0])
+        out = trainable.forward(predict, banks)
+        out[banks == bank].square().sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.lora_parameters(own))
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in trainable.lora_parameters(other))
+    base = {k: v.clone() for k, v in denoiser_of(pipe).state_dict().items() if "lora" not in k}
+    initial = {k: v.clone() for k, v in trainable.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in trainable.state_dict().items() if not torch.equal(v, initial[k])}
+    assert {k for k in initial if ".softalign_pos." in k or ".softalign_neg." in k} <= changed
+    assert all(torch.equal(v, denoiser_of(pipe).state_dict()[k]) for k, v in base.items())
+    trainer.save_model()
+    assert (tmp_path / "run" / "lora" / "softalign_pos" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_tokens_and_lora_train_together_and_chain_into_a_new_stage(tmp_path):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline("sd15")
+    stage1 = SoftAlignTrainer(pipe, config(tmp_path / "1"), PAIRS)
+    stage1.train()
+    tokens = stage1.soft_tokens
+    after_stage1 = {k: v.clone() for k, v in tokens.state_dict().items()}
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])
+    stage2 = SoftAlignTrainer(pipe, config(tmp_path / "2"), PAIRS, soft_tokens=tokens, peft_config=lora)
+    stage2.train()
+    assert stage2.soft_tokens is tokens
+    assert all(not torch.equal(v, after_stage1[k]) for k, v in tokens.state_dict().items())
+    save_soft_tokens(tokens, tmp_path / "tokens")
