@@ -1,4 +1,4 @@
-"""`softalign` command line: `softalign convert ...` (more subcommands join as the toolkit grows)."""
+"""`softalign` command line: `softalign train ...`, `softalign convert ...` (also `python -m softalign ...`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,42 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_pipeline(path: str):
+    """A diffusers pipeline from a local directory (never downloads)."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    if not (Path(path) / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json).")
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .cli_args import build_config
+    from .config import SoftAlignConfig
+    from .loaders import read_soft_tokens
+    from .trainer import SoftAlignTrainer
+
+    config = build_config(SoftAlignConfig, args, args.config)
+    pipe = load_pipeline(args.model)
+    soft_tokens = read_soft_tokens(args.soft_tokens) if args.soft_tokens else None
+    peft_config = None
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        targets = ["to_q", "to_k", "to_v", "to_out.0"]
+        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=targets)
+    trainer = SoftAlignTrainer(pipe, config, args.data, soft_tokens=soft_tokens, peft_config=peft_config)
+    trainer.train()
+    path = trainer.save_model()
+    if trainer.accelerator.is_main_process:
+        print(f"Saved the adapter to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softalign", description="Soft-token alignment for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--unet-blocks", nargs="+", choices=["down", "mid", "up"], help="UNet block groups the tokens were trained on."
     )
     convert.set_defaults(handler=_convert)
+
+    from .cli_args import add_dataclass_flags
+    from .config import SoftAlignConfig
+
+    train = commands.add_parser("train", help="Train soft tokens (and/or a LoRA) with AGSM or SoftREPA.")
+    train.add_argument("--config", help="YAML file of SoftAlignConfig fields (flags override it).")
+    train.add_argument("--model", required=True, help="Local diffusers pipeline directory (SD1.x, SDXL or SD3).")
+    train.add_argument("--data", required=True, help="Image folder with metadata.jsonl (file_name, text).")
+    train.add_argument("--soft-tokens", help="Start from this soft-token adapter directory.")
+    train.add_argument("--lora-rank", type=int, default=0, help="Also train a LoRA of this rank on the denoiser.")
+    add_dataclass_flags(train, SoftAlignConfig)
+    train.set_defaults(handler=_train)
     return parser
 
 
@@ -45,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"softalign {args.command}: error: {error}", file=sys.stderr)
         return 2
 

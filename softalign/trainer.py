@@ -80,6 +80,8 @@ class SoftAlignTrainer:
         self.backbone = backbone_for(pipeline)
         self.args = args.resolved(self.backbone.family)
         self.accelerator = accelerator or Accelerator(
+            # with no accelerator device, `cpu=True` lets torchrun / accelerate launch form a gloo process group
+            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
             mixed_precision=self.args.mixed_precision,
             log_with=None if self.args.report_to == "none" else self.args.report_to,
             project_dir=self.args.output_dir,

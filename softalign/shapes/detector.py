@@ -265,11 +265,16 @@ def split_by_color(rgb: np.ndarray, ink: np.ndarray, component: Component, confi
 
 
 def split_by_ink(rgb: np.ndarray, ink: np.ndarray, component: Component, config: DetectorConfig) -> list[Component]:
-    """Parts of one component whose cores separate at a higher ink level (two same-coloured objects joined by their
-    soft edges or a thin neck); each core then takes back its own soft edge. `[]` when no level separates it."""
+    """Parts of one component whose cores separate at a higher ink level or after erosion (two same-coloured objects
+    joined by their soft edges or a thin neck); each core then takes back its own soft edge. `[]` if none separate."""
     full = float(np.percentile(ink[component.mask], 90))
-    for level in (0.6, 0.75, 0.9):
-        labels = label_components(component.mask & (ink > level * full))
+    candidates = [component.mask & (ink > level * full) for level in (0.6, 0.75, 0.9)]
+    eroded = component.mask
+    for _ in range(3):  # two tangent circles share a neck three to five pixels thick
+        eroded = ~_dilate(~eroded)
+        candidates.append(eroded)
+    for core in candidates:
+        labels = label_components(core)
         ids, counts = np.unique(labels[labels >= 0], return_counts=True)
         cores = ids[counts >= _min_area(ink, config)]
         if len(cores) >= 2:

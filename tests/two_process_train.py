@@ -1,0 +1,20 @@
+"""Run by test_multiprocess.py under torchrun (2 processes, gloo on CPU): train, then each rank writes its tokens."""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+from shapes_data import shapes_pairs
+
+from softalign.config import SoftAlignConfig
+from softalign.testing import tiny_pipeline
+from softalign.trainer import SoftAlignTrainer
+
+torch.set_num_threads(1)
+out = sys.argv[1]
+config = SoftAlignConfig(output_dir=out, max_steps=3, resolution=32, save_steps=0, logging_steps=1)
+trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config, shapes_pairs())
+trainer.train()
+rank = trainer.accelerator.process_index
+save_file(trainer.trainable.state_dict(), f"{out}/rank{rank}.safetensors")
+assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
