@@ -59,6 +59,60 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.metadata import load_metadata
+    from .eval.run import run_evaluation
+    from .eval.summary import format_summary
+    from .loaders import load_soft_tokens
+    from .shapes.detector import ShapesDetector
+    from .shapes.prompts import evaluation_metadata
+
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.model)
+    if args.soft_tokens:
+        load_soft_tokens(pipe, args.soft_tokens)
+    if args.metadata:
+        plan = [(line, args.images_per_prompt or 4) for line in load_metadata(args.metadata)]
+    elif args.images_per_prompt:
+        plan = [(line, args.images_per_prompt) for line, _ in evaluation_metadata(args.split)]
+    else:
+        plan = evaluation_metadata(args.split, min_images_per_tag=args.min_images_per_tag)
+    summary = run_evaluation(
+        pipe,
+        plan,
+        ShapesDetector.load(),
+        args.out,
+        seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        title=f"GenEval rules: {args.model}",
+    )
+    print(format_summary(summary))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .eval.report import compare
+
+    summaries = {}
+    for run in args.runs:
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{run} has no summary.json (expected a `softalign eval` output directory).")
+        summaries[Path(run).name] = json.loads(path.read_text())
+    table = compare(summaries)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n", encoding="utf-8")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softalign", description="Soft-token alignment for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lora-rank", type=int, default=0, help="Also train a LoRA of this rank on the denoiser.")
     add_dataclass_flags(train, SoftAlignConfig)
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="Generate and score images with GenEval's rules (shapes world).")
+    evaluate.add_argument("--model", required=True, help="Local diffusers pipeline directory.")
+    evaluate.add_argument("--soft-tokens", help="Soft-token adapter directory to load first.")
+    evaluate.add_argument("--metadata", help="GenEval metadata .jsonl (default: the shapes world's split).")
+    evaluate.add_argument("--split", default="heldout", choices=["heldout", "train"], help="Shapes-world split.")
+    evaluate.add_argument("--images-per-prompt", type=int, default=0, help="Images per prompt (default: 300 per tag).")
+    evaluate.add_argument("--min-images-per-tag", type=int, default=300, help="Images per tag when not per prompt.")
+    evaluate.add_argument("--seed", type=int, default=42)
+    evaluate.add_argument("--steps", type=int, default=20, help="Sampler steps.")
+    evaluate.add_argument("--guidance-scale", type=float, default=7.5)
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--out", required=True, help="Run directory to write.")
+    evaluate.set_defaults(handler=_eval)
+
+    comparison = commands.add_parser("compare", help="Put `softalign eval` runs side by side.")
+    comparison.add_argument("runs", nargs="+", help="Run directories; the first is the baseline.")
+    comparison.add_argument("--out", help="Also write the Markdown table here.")
+    comparison.set_defaults(handler=_compare)
     return parser
 
 
