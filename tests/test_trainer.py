@@ -214,3 +214,15 @@ def test_tokens_and_lora_train_together_and_chain_into_a_new_stage(tmp_path):
     assert stage2.soft_tokens is tokens
     assert all(not torch.equal(v, after_stage1[k]) for k, v in tokens.state_dict().items())
     save_soft_tokens(tokens, tmp_path / "tokens")
+
+
+def test_tensorboard_logging_and_periodic_samples(tmp_path):
+    trainer = SoftAlignTrainer(
+        tiny_pipeline("sd15"),
+        config(tmp_path, max_steps=2, report_to="tensorboard", sample_steps=2, sample_prompts=["a photo of a star"]),
+        PAIRS,
+    )
+    trainer.train()
+    run = tmp_path / "run"
+    assert list(run.rglob("events.out.tfevents.*")), "no tensorboard event file"
+    assert (run / "samples" / "step-000002.png").is_file()
