@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
 from softalign.shapes.detector import CLASSES, DEFAULT_PATH, DetectorConfig, ShapesDetector, ShapesNet, crop_inputs
-from softalign.shapes.detector import find_components
+from softalign.shapes.detector import find_components, split_by_color, split_by_ink
 from softalign.shapes.prompts import all_prompts
 from softalign.shapes.render import SceneObject, _shape_polygon, render_scene  # the renderer's own geometry
 from softalign.shapes.vocabulary import COLORS, SHAPES
@@ -212,6 +212,10 @@ def build_set(n_scenes: int, seed: int, config: DetectorConfig) -> tuple[torch.T
         rgb, visible = make_scene(rng, lines)
         ink, components = find_components(rgb, config)
         keep = [(c, y) for c in components if (y := label_component(c.mask, visible)) is not None]
+        for c, y in list(keep):  # inference splits junk components that may be touching objects: train on the parts
+            if y == len(CLASSES) - 1:
+                parts = split_by_color(rgb, ink, c, config) or split_by_ink(rgb, ink, c, config)
+                keep += [(p, y) for p in parts if (y := label_component(p.mask, visible)) is not None]
         if keep:
             crops.append(crop_inputs(ink, [c for c, _ in keep], config))
             labels += [y for _, y in keep]
