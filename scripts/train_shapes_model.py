@@ -257,6 +257,22 @@ def export(args, ema: dict, frozen: dict, out: Path, card: dict) -> None:
         (staging / "training.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
+def init_from_export(args, trained: dict, ema: dict) -> tuple[int, float]:
+    """Continue from an exported model (its EMA weights) when the run directory's state was lost.
+
+    The optimiser starts fresh; the step counter continues from the export's `training.json`.
+    """
+    from diffusers import DiffusionPipeline
+
+    exported = DiffusionPipeline.from_pretrained(args.init_from, local_files_only=True)
+    for name, module in trained.items():
+        module.load_state_dict(getattr(exported, name).state_dict())
+        ema[name].load_state_dict(getattr(exported, name).state_dict())
+    card = json.loads((Path(args.init_from) / "training.json").read_text())
+    print(f"continuing from {args.init_from} at step {card['steps']}", flush=True)
+    return card["steps"], card["train_seconds"]
+
+
 _LEGACY_EMA_NAMES = {"ema_text": "ema_text_encoder"}  # the first sd15 run's state files
 
 
@@ -267,6 +283,8 @@ def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = {name: copy.deepcopy(module).requires_grad_(False) for name, module in trained.items()}
     step, elapsed = 0, 0.0
+    if state is None and args.init_from:
+        step, elapsed = init_from_export(args, trained, ema)
     if state is not None:
         state = {_LEGACY_EMA_NAMES.get(k, k): v for k, v in state.items()}
         for name, module in trained.items():
@@ -340,6 +358,7 @@ def main():
     parser.add_argument("--run-dir", default="runs/shapes-sd15")
     parser.add_argument("--out", default="models/shapes-sd15")
     parser.add_argument("--vae-from", help="Reuse a trained VAE state (vae-state.pt) instead of training one.")
+    parser.add_argument("--init-from", help="An exported model to continue from when the run directory is empty.")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=16)
@@ -358,7 +377,11 @@ def main():
     run_dir, out = Path(args.run_dir), Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained, frozen = build_models(args)
-    if args.vae_from:
+    if args.init_from:  # the exported VAE is the trained one
+        from diffusers import AutoencoderKL
+
+        frozen["vae"].load_state_dict(AutoencoderKL.from_pretrained(Path(args.init_from) / "vae").state_dict())
+    elif args.vae_from:
         frozen["vae"].load_state_dict(load_state(Path(args.vae_from))["vae"])
     else:
         train_vae(args, frozen["vae"], run_dir)
