@@ -5,10 +5,10 @@
 Scenes take their layout from `render_scene` (any prompt, wider object sizes) and are redrawn object by object with
 what a small diffusion model gets wrong: rounded corners (alpha blurred, then re-thresholded), wobbly outlines, small
 rotations and aspect changes, off colours, then image-wide blur, down-up sampling, noise and an off-white background.
-`junk` examples are drawn deliberately: bitten fragments, elongated blobs, strokes, crescents, faint smudges and
-shapes touching a partner (a component that holds two objects). A share of scenes keeps the exact clean render.
-Crops come from the detector's own segmentation, so training sees what inference sees; each component is labelled
-by its overlap with the drawn objects. Deterministic from `--seed`; one thread (the machine is shared).
+`junk` is drawn on purpose: bitten fragments, elongated blobs, strokes, crescents, faint smudges, and shapes touching
+a partner (one component, two objects). A share of scenes keeps the exact clean render. Crops come from the
+detector's own segmentation (and its splitting of junk components), so training sees what inference sees; each
+component is labelled by its overlap with the drawn objects. Deterministic from `--seed`; one thread.
 """
 
 from __future__ import annotations
@@ -23,39 +23,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 
-from softalign.shapes.detector import CLASSES, DEFAULT_PATH, DetectorConfig, ShapesDetector, ShapesNet, crop_inputs
-from softalign.shapes.detector import find_components, split_by_color, split_by_ink
+from softalign.shapes import detector as det
 from softalign.shapes.prompts import all_prompts
 from softalign.shapes.render import SceneObject, _shape_polygon, render_scene  # the renderer's own geometry
 from softalign.shapes.vocabulary import COLORS, SHAPES
 
 SS = 4  # supersampling of object masks, as the renderer
-ROUNDING = {"circle": 0.10, "square": 0.14, "triangle": 0.10, "star": 0.06}  # max corner blur, share of the side
+ROUNDING = {"circle": 0.10, "square": 0.14, "triangle": 0.10, "star": 0.09}  # max corner blur, share of the side
 ROTATION = {"circle": 0.0, "square": 12.0, "triangle": 12.0, "star": 15.0}  # max degrees
+JUNK = len(det.CLASSES) - 1
 
 
-def outline(label: str, cx: float, cy: float, half: float, rng, degrade: bool) -> list[tuple[float, float]]:
-    """Polygon of a shape (circles as 48-gons), rotated, stretched and wobbled when `degrade`."""
-    points = _shape_polygon(label, cx, cy, half)
-    if points is None:
-        points = [(cx + half * math.cos(t), cy + half * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, False)]
-    if not degrade:
-        return points
-    angle = math.radians(rng.uniform(-1, 1) * ROTATION[label])
-    stretch = math.exp(rng.uniform(-0.1, 0.1))
-    wobble = rng.uniform(0, 0.05) * half if rng.random() < 0.5 else 0.0
-    out = []
+def turn(points, cx, cy, angle=0.0, stretch=1.0, wobble=0.0, rng=None) -> list[tuple[float, float]]:
+    """Points stretched (x by `stretch`, y by its inverse), rotated about (cx, cy), then jittered by `wobble`."""
+    cos, sin, out = math.cos(angle), math.sin(angle), []
     for x, y in points:
         dx, dy = (x - cx) * stretch, (y - cy) / stretch
-        dx, dy = dx * math.cos(angle) - dy * math.sin(angle), dx * math.sin(angle) + dy * math.cos(angle)
-        out.append((cx + dx + rng.normal(0, 1) * wobble, cy + dy + rng.normal(0, 1) * wobble))
+        jitter = rng.normal(0, wobble, 2) if wobble else (0.0, 0.0)
+        out.append((cx + dx * cos - dy * sin + jitter[0], cy + dx * sin + dy * cos + jitter[1]))
     return out
 
 
-def coverage(size: int, draw_fn, box, rounding: float = 0.0, threshold: float = 0.5) -> np.ndarray:
-    """Pixel coverage in [0, 1] of what `draw_fn(draw, origin)` paints, drawn at 4x on a patch around `box`.
+def coverage(size: int, ops, box, rounding: float = 0.0, threshold: float = 0.5) -> np.ndarray:
+    """Pixel coverage in [0, 1] of drawing `ops` at 4x on a patch around `box` (image coordinates).
 
-    Rounding blurs the 4x mask and re-thresholds it: corners and thin tips shrink, as a generator draws them.
+    `ops`: `("polygon", points)`, `("ellipse", (cx, cy, rx, ry))` or `("line", points, width)`. Rounding blurs the 4x
+    mask and re-thresholds it: corners and thin tips shrink and round off, as a generator draws them.
     """
     pad = int(math.ceil(3 * rounding)) + 3
     x0, y0 = max(0, int(box[0]) - pad), max(0, int(box[1]) - pad)
@@ -64,58 +57,68 @@ def coverage(size: int, draw_fn, box, rounding: float = 0.0, threshold: float = 
     if x1 <= x0 or y1 <= y0:
         return alpha
     patch = Image.new("L", ((x1 - x0) * SS, (y1 - y0) * SS), 0)
-    draw_fn(ImageDraw.Draw(patch), (x0 * SS, y0 * SS))
+    draw = ImageDraw.Draw(patch)
+
+    def scaled(points):
+        return [((x - x0) * SS, (y - y0) * SS) for x, y in points]
+
+    for op in ops:
+        if op[0] == "polygon":
+            draw.polygon(scaled(op[1]), fill=255)
+        elif op[0] == "ellipse":
+            cx, cy, rx, ry = op[1]
+            draw.ellipse(scaled([(cx - rx, cy - ry), (cx + rx, cy + ry)]), fill=255)
+        else:
+            draw.line(scaled(op[1]), fill=255, width=max(1, int(op[2] * SS)), joint="curve")
     if rounding > 0.05:
-        patch = patch.filter(ImageFilter.GaussianBlur(float(rounding * SS))).point(lambda v: 255 if v > threshold * 255 else 0)
+        blurred = patch.filter(ImageFilter.GaussianBlur(float(rounding * SS)))
+        patch = blurred.point(lambda v: 255 if v > threshold * 255 else 0)
     big = np.asarray(patch, np.float32) / 255.0
     alpha[y0:y1, x0:x1] = big.reshape(y1 - y0, SS, x1 - x0, SS).mean(axis=(1, 3))
     return alpha
 
 
-def shape_alpha(size, label, box, rng, degrade: bool) -> np.ndarray:
-    cx, cy, half = (box[0] + box[2]) / 2 * SS, (box[1] + box[3]) / 2 * SS, (box[2] - box[0]) / 2 * SS
-    points = outline(label, cx, cy, half, rng, degrade)
-    rounding = rng.uniform(0, ROUNDING[label]) * (box[2] - box[0]) if degrade and rng.random() < 0.6 else 0.0
-    return coverage(
-        size, lambda d, o: d.polygon([(x - o[0], y - o[1]) for x, y in points], fill=255), box, rounding, rng.uniform(0.4, 0.6)
-    )
+def shape_alpha(size: int, label: str, box, rng, degrade: bool) -> np.ndarray:
+    """A shape's coverage; when `degrade`, rotated, stretched, wobbled and maybe with rounded corners."""
+    cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, (box[2] - box[0]) / 2
+    points = _shape_polygon(label, cx, cy, half)
+    if points is None:  # circle as a 48-gon, so that it can be stretched and wobbled like the others
+        points = [(cx + half * math.cos(t), cy + half * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 48, False)]
+    if not degrade:
+        return coverage(size, [("polygon", points)], box)
+    angle = math.radians(rng.uniform(-1, 1) * ROTATION[label])
+    wobble = rng.uniform(0, 0.05) * half if rng.random() < 0.5 else 0.0
+    points = turn(points, cx, cy, angle, math.exp(rng.uniform(-0.1, 0.1)), wobble, rng)
+    rounding = rng.uniform(0, ROUNDING[label]) * 2 * half if rng.random() < 0.6 else 0.0
+    return coverage(size, [("polygon", points)], box, rounding, rng.uniform(0.4, 0.6))
 
 
-def junk_alpha(size, box, rng) -> np.ndarray:
-    """A component no shape detector should name: bitten fragment, elongated blob, stroke, crescent or smudge."""
+def junk_alpha(size: int, box, rng) -> np.ndarray:
+    """A component no detector should name: a bitten fragment, an elongated blob, a stroke or a crescent."""
     kind = rng.choice(["fragment", "fragment", "blob", "stroke", "crescent"])
-    side = box[2] - box[0]
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    if kind == "fragment":  # a shape with round bites out of it, 20-60% left: never itself a clean shape
+    side, cx, cy = box[2] - box[0], (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    if kind == "fragment":  # round bites out of a shape, 20-60% left: a straight cut of a triangle is a triangle
         whole = shape_alpha(size, str(rng.choice(SHAPES)), box, rng, degrade=True)
         for _ in range(20):
             bitten = whole.copy()
             for _ in range(int(rng.integers(1, 3))):
                 r, t = rng.uniform(0.35, 0.7) * side, rng.uniform(0, 2 * math.pi)
-                bx, by = cx + 0.5 * side * math.cos(t), cy + 0.5 * side * math.sin(t)
-                bite = coverage(size, lambda d, o, bx=bx, by=by, r=r: d.ellipse(_ss_box(bx, by, r, r, o), fill=255), box)
-                bitten *= 1.0 - bite
+                bitten *= 1 - coverage(
+                    size, [("ellipse", (cx + side / 2 * math.cos(t), cy + side / 2 * math.sin(t), r, r))], box
+                )
             if 0.2 <= bitten.sum() / max(whole.sum(), 1e-6) <= 0.6:
-                return bitten
+                break
         return bitten
     if kind == "blob":  # an ellipse far too long to be a circle
-        ratio, angle = rng.uniform(1.8, 3.5), rng.uniform(0, math.pi)
-        a, b = side / 2, side / 2 / ratio
-        pts = [(a * math.cos(t), b * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, False)]
-        pts = [(cx + x * math.cos(angle) - y * math.sin(angle), cy + x * math.sin(angle) + y * math.cos(angle)) for x, y in pts]
-        return coverage(size, lambda d, o: d.polygon([((x * SS - o[0]), (y * SS - o[1])) for x, y in pts], fill=255), box)
+        a, b = side / 2, side / 2 / rng.uniform(1.8, 3.5)
+        points = [(cx + a * math.cos(t), cy + b * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40, False)]
+        return coverage(size, [("polygon", turn(points, cx, cy, rng.uniform(0, math.pi)))], box)
     if kind == "stroke":  # a thick bent line
-        pts = [(cx + rng.uniform(-0.5, 0.5) * side, cy + rng.uniform(-0.5, 0.5) * side) for _ in range(3)]
-        width = max(1, int(rng.uniform(0.12, 0.3) * side * SS))
-        return coverage(size, lambda d, o: d.line([(x * SS - o[0], y * SS - o[1]) for x, y in pts], 255, width, "curve"), box)
-    r, t = side / 2, rng.uniform(0, 2 * math.pi)  # crescent: a disc minus an offset disc
-    ox, oy = cx + rng.uniform(0.35, 0.6) * side * math.cos(t), cy + rng.uniform(0.35, 0.6) * side * math.sin(t)
-    disc = coverage(size, lambda d, o: d.ellipse(_ss_box(cx, cy, r, r, o), fill=255), box)
-    return disc * (1.0 - coverage(size, lambda d, o: d.ellipse(_ss_box(ox, oy, r, r, o), fill=255), box))
-
-
-def _ss_box(x, y, rx, ry, origin):
-    return [x * SS - rx * SS - origin[0], y * SS - ry * SS - origin[1], x * SS + rx * SS - origin[0], y * SS + ry * SS - origin[1]]
+        points = [(cx + rng.uniform(-0.5, 0.5) * side, cy + rng.uniform(-0.5, 0.5) * side) for _ in range(3)]
+        return coverage(size, [("line", points, rng.uniform(0.12, 0.3) * side)], box)
+    r, t, d = side / 2, rng.uniform(0, 2 * math.pi), rng.uniform(0.35, 0.6) * side  # a disc minus an offset disc
+    disc = coverage(size, [("ellipse", (cx, cy, r, r))], box)
+    return disc * (1 - coverage(size, [("ellipse", (cx + d * math.cos(t), cy + d * math.sin(t), r, r))], box))
 
 
 def free_box(size, side, boxes, rng, tries=30):
@@ -136,21 +139,22 @@ def off_color(name: str, rng) -> np.ndarray:
 
 def make_scene(rng, lines) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """One image (H x W x 3 uint8) and its drawn objects `(kind, visible coverage)`, kind a shape or `junk`."""
-    size = int(rng.choice([64] * 15 + [48] * 2 + [32] + [96] * 2))
-    line = lines[int(rng.integers(len(lines)))]
+    size = int(rng.choice([64] * 15 + [48] * 2 + [32] + [96] * 2))  # mostly 64 px, some other sizes
     lo = rng.uniform(0.13, 0.2) * size
-    clean_image, layout = render_scene(line, rng, size, min_object=lo, max_object=lo + rng.uniform(0.05, 0.16) * size)
+    clean, layout = render_scene(
+        lines[int(rng.integers(len(lines)))], rng, size, lo, lo + rng.uniform(0.05, 0.16) * size
+    )
     if rng.random() < 0.15:  # the exact clean render
-        return np.asarray(clean_image).copy(), [(o.label, shape_alpha(size, o.label, o.box, rng, False)) for o in layout]
+        return np.array(clean), [(o.label, shape_alpha(size, o.label, o.box, rng, False)) for o in layout]
     objects = list(layout)
     if rng.random() < 0.3:  # a partner touching or overlapping one object: one component, two objects
         base = objects[int(rng.integers(len(objects)))]
         side, t = rng.uniform(0.13, 0.3) * size, rng.uniform(0, 2 * math.pi)
         dist = ((base.box[2] - base.box[0]) + side) / 2 * rng.uniform(0.55, 1.0)
-        cx = (base.box[0] + base.box[2]) / 2 + dist * math.cos(t)
-        cy = (base.box[1] + base.box[3]) / 2 + dist * math.sin(t)
+        cx = (base.box[0] + base.box[2]) / 2 + dist * math.cos(t) - side / 2
+        cy = (base.box[1] + base.box[3]) / 2 + dist * math.sin(t) - side / 2
         color = base.color if rng.random() < 0.5 else str(rng.choice(list(COLORS)))
-        objects.append(SceneObject(str(rng.choice(SHAPES)), color, (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)))
+        objects.append(SceneObject(str(rng.choice(SHAPES)), color, (cx, cy, cx + side, cy + side)))
     drawn = [(o.label, shape_alpha(size, o.label, o.box, rng, True), off_color(o.color, rng)) for o in objects]
     boxes = [o.box for o in objects]
     for _ in range(int(rng.integers(0, 3))):
@@ -160,9 +164,10 @@ def make_scene(rng, lines) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
             drawn.append(("junk", junk_alpha(size, box, rng), off_color(str(rng.choice(list(COLORS))), rng)))
     if rng.random() < 0.4:  # a faint smudge: mostly under the ink threshold, sometimes a faint component
         r, (x, y) = rng.uniform(0.08, 0.25) * size, rng.uniform(0, size, 2)
-        smudge = coverage(size, lambda d, o: d.ellipse(_ss_box(x, y, r, r * rng.uniform(0.4, 1), o), fill=255), (x - r, y - r, x + r, y + r))
-        smudge = np.asarray(Image.fromarray((smudge * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(float(r / 3))), np.float32) / 255
-        drawn.append(("junk", smudge * rng.uniform(0.1, 0.55), rng.uniform(60, 200, 3) if rng.random() < 0.5 else off_color("red", rng)))
+        smudge = coverage(size, [("ellipse", (x, y, r, r * rng.uniform(0.4, 1)))], (x - r, y - r, x + r, y + r))
+        smudge = Image.fromarray((smudge * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(float(r / 3)))
+        tint = rng.uniform(60, 200, 3) if rng.random() < 0.5 else off_color("red", rng)
+        drawn.append(("junk", np.asarray(smudge, np.float32) / 255 * rng.uniform(0.1, 0.55), tint))
     image = np.full((size, size, 3), 255.0, np.float32)
     visible = []
     for kind, alpha, rgb in drawn:
@@ -184,40 +189,40 @@ def degrade_image(image: np.ndarray, size: int, rng) -> np.ndarray:
 
 
 def label_component(mask: np.ndarray, visible) -> int | None:
-    """Class index of a component from its overlap with the drawn objects; None where ambiguous (not trained on)."""
-    area = mask.sum()
-    involved = []
+    """Class index of a component from its overlap with the drawn objects; None where ambiguous (not trained on).
+
+    One shape, mostly covered and not much more: that shape. Two objects, any junk object, or nothing: junk.
+    A shape covered less than 45% is a fragment (junk); between 45% and 75% is left out.
+    """
+    area, involved = mask.sum(), []
     for kind, alpha in visible:
         footprint = alpha > 0.5
-        inter = (mask & footprint).sum()
-        if kind == "junk":
-            if inter >= 0.2 * area:
-                involved.append((kind, inter, footprint.sum()))
-        elif inter >= 0.25 * max(footprint.sum(), 1) or inter >= 0.25 * area:
-            involved.append((kind, inter, footprint.sum()))
+        inter, full = (mask & footprint).sum(), footprint.sum()
+        if inter >= 0.2 * area if kind == "junk" else (inter >= 0.25 * max(full, 1) or inter >= 0.25 * area):
+            involved.append((kind, inter, full))
     if len(involved) != 1 or involved[0][0] == "junk":
-        return len(CLASSES) - 1
+        return JUNK
     kind, inter, full = involved[0]
     cover = inter / max(full, 1)
     if cover >= 0.75 and area <= 1.5 * full:
-        return CLASSES.index(kind)
-    return len(CLASSES) - 1 if cover < 0.45 else None
+        return det.CLASSES.index(kind)
+    return JUNK if cover < 0.45 else None
 
 
-def build_set(n_scenes: int, seed: int, config: DetectorConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def build_set(n_scenes: int, seed: int, config: det.DetectorConfig) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(seed)
     lines = [line for _, line in all_prompts()]
     crops, labels = [], []
     for _ in range(n_scenes):
         rgb, visible = make_scene(rng, lines)
-        ink, components = find_components(rgb, config)
+        ink, components = det.find_components(rgb, config)
         keep = [(c, y) for c in components if (y := label_component(c.mask, visible)) is not None]
         for c, y in list(keep):  # inference splits junk components that may be touching objects: train on the parts
-            if y == len(CLASSES) - 1:
-                parts = split_by_color(rgb, ink, c, config) or split_by_ink(rgb, ink, c, config)
+            if y == JUNK:
+                parts = det.split_touching(rgb, ink, c, config)
                 keep += [(p, y) for p in parts if (y := label_component(p.mask, visible)) is not None]
         if keep:
-            crops.append(crop_inputs(ink, [c for c, _ in keep], config))
+            crops.append(det.crop_inputs(ink, [c for c, _ in keep], config))
             labels += [y for _, y in keep]
     return torch.cat(crops), torch.tensor(labels)
 
@@ -225,8 +230,7 @@ def build_set(n_scenes: int, seed: int, config: DetectorConfig) -> tuple[torch.T
 def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """Expected calibration error of the top-class probability, equal-width bins."""
     conf, pred = probs.max(1)
-    edges = torch.linspace(0, 1, bins + 1)
-    total = 0.0
+    edges, total = torch.linspace(0, 1, bins + 1), 0.0
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
@@ -235,30 +239,12 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature of least NLL, by grid search (one parameter: a grid is exact enough and deterministic)."""
     grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 400))
-    nll = torch.stack([F.cross_entropy(logits / t, labels) for t in grid])
-    return float(grid[int(nll.argmin())])
+    return float(grid[int(torch.stack([F.cross_entropy(logits / t, labels) for t in grid]).argmin())])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-scenes", type=int, default=12000)
-    parser.add_argument("--val-scenes", type=int, default=3000)
-    parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", type=Path, default=DEFAULT_PATH)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    start, cpu = time.perf_counter(), time.process_time()
-    config = DetectorConfig()
-    x_train, y_train = build_set(args.train_scenes, args.seed, config)
-    x_val, y_val = build_set(args.val_scenes, args.seed + 1_000_003, config)
-    counts = torch.bincount(y_train, minlength=len(CLASSES)).tolist()
-    print(f"data: {len(y_train)} train / {len(y_val)} val crops {dict(zip(CLASSES, counts))} ({time.perf_counter() - start:.0f}s)")
-    model = ShapesNet(config)
+def train(model, x_train, y_train, x_val, y_val, args, start: float) -> None:
     steps = args.epochs * math.ceil(len(y_train) / args.batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=steps, pct_start=0.15)
@@ -268,9 +254,8 @@ def main() -> None:
         order = torch.randperm(len(y_train), generator=generator)
         for i in range(0, len(order), args.batch):
             idx = order[i : i + args.batch]
-            x = x_train[idx]
             flip = torch.rand(len(idx), generator=generator) < 0.5  # every shape is left-right symmetric
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = torch.where(flip[:, None, None, None], x_train[idx].flip(3), x_train[idx])
             loss = F.cross_entropy(model(x), y_train[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -279,23 +264,54 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             acc = (model(x_val).argmax(1) == y_val).float().mean()
-        print(f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} val acc {acc:.4f} ({time.perf_counter() - start:.0f}s)")
+        print(
+            f"epoch {epoch + 1}/{args.epochs} loss {loss.item():.4f} val acc {acc:.4f} ({time.perf_counter() - start:.0f}s)"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-scenes", type=int, default=30000)
+    parser.add_argument("--val-scenes", type=int, default=4000)
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--out", type=Path, default=det.DEFAULT_PATH)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the machine is shared; more threads only contend
+    torch.manual_seed(args.seed)
+    start, cpu = time.perf_counter(), time.process_time()
+    config = det.DetectorConfig()
+    x_train, y_train = build_set(args.train_scenes, args.seed, config)
+    x_val, y_val = build_set(args.val_scenes, args.seed + 1_000_003, config)
+    counts = dict(zip(det.CLASSES, torch.bincount(y_train, minlength=len(det.CLASSES)).tolist(), strict=True))
+    print(
+        f"data: {len(y_train)} train / {len(y_val)} val crops {counts} ({time.perf_counter() - start:.0f}s)", flush=True
+    )
+    model = det.ShapesNet(config)
+    train(model, x_train, y_train, x_val, y_val, args, start)
     with torch.no_grad():
         logits = model(x_val)
-    half = len(y_val) // 2  # fit on one half, report calibration on the other
+    half = len(y_val) // 2  # fit the temperature on one half, report calibration on the other
     temperature = fit_temperature(logits[:half], y_val[:half])
-    before, after = torch.softmax(logits[half:], 1), torch.softmax(logits[half:] / temperature, 1)
     pred = logits.argmax(1)
-    print(f"val accuracy {(pred == y_val).float().mean():.4f}; temperature {temperature:.3f}")
-    print(f"ECE (held-out half) before {ece(before, y_val[half:]):.4f} after {ece(after, y_val[half:]):.4f}")
-    matrix = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.long)
+    stats = {
+        "val_accuracy": f"{(pred == y_val).float().mean():.4f}",
+        "ece_before": f"{ece(torch.softmax(logits[half:], 1), y_val[half:]):.4f}",
+        "ece_after": f"{ece(torch.softmax(logits[half:] / temperature, 1), y_val[half:]):.4f}",
+    }
+    print(f"val accuracy {stats['val_accuracy']}; temperature {temperature:.3f}")
+    print(f"ECE (held-out half) before {stats['ece_before']} after {stats['ece_after']}")
+    matrix = torch.zeros(len(det.CLASSES), len(det.CLASSES), dtype=torch.long)
     matrix.index_put_((y_val, pred), torch.ones_like(y_val), accumulate=True)
-    print("confusion (rows truth, columns predicted):", *CLASSES)
-    for name, row in zip(CLASSES, matrix.tolist(), strict=True):
+    print("confusion (rows truth, columns predicted):", *det.CLASSES)
+    for name, row in zip(det.CLASSES, matrix.tolist(), strict=True):
         print(f"  {name:9s}", row)
-    detector = ShapesDetector(model, DetectorConfig(**{**config.__dict__, "temperature": temperature}))
+    detector = det.ShapesDetector(model, det.DetectorConfig(**{**config.__dict__, "temperature": temperature}))
+    trained = f"{len(y_train)} crops, {args.epochs} epochs"  # no timings: the same seed writes the same file
+    detector.save(args.out, seed=str(args.seed), trained=trained, **stats)
     wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu
-    detector.save(args.out, seed=str(args.seed), trained=f"{len(y_train)} crops, {args.epochs} epochs, {wall:.0f}s wall")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB); {wall:.0f}s wall, {cpu_s:.0f}s CPU")
 
 

@@ -5,9 +5,13 @@
 Every prompt of both splits is rendered with several seeds. A render satisfies its prompt by construction, so the
 verdict with the ground-truth objects (score 1, true box and colour) is always `correct`; the detector should agree.
 The same images are scored again after degradations like a generator's (blur, noise, colour shift, soft corners),
-which the detector's training never drew in this form. Also reported: a component-level confusion matrix (components
-matched to true objects by box IoU >= 0.3), colour accuracy, the share of true objects found with score > 0.9 (what
-counting needs), and the detector's speed on batches of 64 images on one thread.
+which the detector's training never drew in this form. A third set puts the two objects of each two-object prompt
+side by side, from 1 px overlap to 1 px gap (one render per prompt): touching objects of different colours are split
+by colour, same-coloured ones only where a neck separates them, so this set shows what merging costs.
+
+Also reported: a component-level confusion matrix (components matched to true objects by box IoU >= 0.3), colour
+accuracy, the share of true objects found with the right label and score > 0.9 (what counting needs), and the
+detector's time per batch of 64 images on one thread.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from PIL import Image, ImageFilter
 from softalign.eval import Detection, evaluate_detections
 from softalign.shapes.detector import CLASSES, ShapesDetector
 from softalign.shapes.prompts import split_prompts
-from softalign.shapes.render import render_scene
-from softalign.shapes.vocabulary import SHAPES
+from softalign.shapes.render import SceneObject, draw_scene, render_scene
+from softalign.shapes.vocabulary import COLORS, SHAPES
 
 # A star fills only ~0.95 x 0.9 of its drawn box and soft corners shrink its tips further, so a right detection can
 # fall near IoU 0.5 with the box; renders never overlap (2 px margin), so 0.3 cannot pair the wrong objects.
@@ -45,6 +49,23 @@ def degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 
+def touching_scene(line: dict, rng: np.random.Generator, size: int = 64):
+    """The two objects of a two-object prompt side by side (or one above the other), from 1 px overlap to 1 px gap."""
+    (a, b), colors = line["include"], list(COLORS)
+    sides = rng.uniform(0.18, 0.28, 2) * size
+    gap, shift = rng.uniform(-1, 1), rng.uniform(-0.3, 0.3) * sides.min()
+    x0, y0 = rng.uniform(1, size - sides.sum() - 2), rng.uniform(1 + abs(shift), size - sides.max() - 1 - abs(shift))
+    first = (x0, y0, x0 + sides[0], y0 + sides[0])
+    second = (first[2] + gap, y0 + shift, first[2] + gap + sides[1], y0 + shift + sides[1])
+    if rng.random() < 0.5:  # one above the other: transpose both boxes
+        first, second = (first[1], first[0], first[3], first[2]), (second[1], second[0], second[3], second[2])
+    objects = [
+        SceneObject(clause["class"], clause.get("color") or colors[int(rng.integers(len(colors)))], box)
+        for clause, box in ((a, first), (b, second))
+    ]
+    return draw_scene(objects, size), objects
+
+
 def iou(a, b) -> float:
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -54,12 +75,18 @@ def iou(a, b) -> float:
 
 def match(components, objects) -> tuple[list[tuple[int, int]], list[int], list[int]]:
     """Greedy one-to-one matching by IoU >= MIN_IOU: pairs (component, object), unmatched components and objects."""
-    pairs = sorted(((iou(c.box, o.box), i, j) for i, c in enumerate(components) for j, o in enumerate(objects)), reverse=True)
+    pairs = sorted(
+        ((iou(c.box, o.box), i, j) for i, c in enumerate(components) for j, o in enumerate(objects)), reverse=True
+    )
     used_c, used_o, matched = set(), set(), []
     for value, i, j in pairs:
         if value >= MIN_IOU and i not in used_c and j not in used_o:
             used_c.add(i), used_o.add(j), matched.append((i, j))
-    return matched, [i for i in range(len(components)) if i not in used_c], [j for j in range(len(objects)) if j not in used_o]
+    return (
+        matched,
+        [i for i in range(len(components)) if i not in used_c],
+        [j for j in range(len(objects)) if j not in used_o],
+    )
 
 
 def evaluate(detector, scenes, batch: int = 64) -> dict:
@@ -110,6 +137,10 @@ def evaluate(detector, scenes, batch: int = 64) -> dict:
     }
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
 def markdown(results: dict) -> str:
     lines = [
         "| images | n | verdict agreement | objects | right label, score > 0.9 | colour accuracy | s / 64 images |",
@@ -123,12 +154,14 @@ def markdown(results: dict) -> str:
     tags = sorted({tag for r in results.values() for tag in r["per_tag_agreement"]})
     lines += ["", "| images | " + " | ".join(tags) + " |", "|---|" + "---|" * len(tags)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r['per_tag_agreement'][t]:.2f}%" for t in tags) + " |")
+        lines.append(f"| {name} | " + " | ".join(_percent(r["per_tag_agreement"].get(t)) for t in tags) + " |")
     for name, r in results.items():
         columns = [*CLASSES, "missed"]
         lines += ["", f"Shape confusion, {name} (rows: truth, `none` = no true object; columns: detector)", ""]
         lines += ["| truth | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        lines += [f"| {row} | " + " | ".join(str(cells[c]) for c in columns) + " |" for row, cells in r["confusion"].items()]
+        lines += [
+            f"| {row} | " + " | ".join(str(cells[c]) for c in columns) + " |" for row, cells in r["confusion"].items()
+        ]
     return "\n".join(lines)
 
 
@@ -140,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     detector = ShapesDetector.load(args.weights)
-    clean, degraded = [], []
+    clean, degraded, touching = [], [], []
     for split_index, split in enumerate(("train", "heldout")):
         for index, line in enumerate(split_prompts(split)):
             for seed in range(args.seeds):
@@ -148,7 +181,10 @@ def main() -> None:
                 image, objects = render_scene(line, rng)
                 clean.append((line, image, objects))
                 degraded.append((line, degrade(image, rng), objects))
-    results = {"clean": evaluate(detector, clean), "degraded": evaluate(detector, degraded)}
+            if line["tag"] in ("two_object", "color_attr"):
+                touching.append((line, *touching_scene(line, np.random.default_rng([split_index, index, 99]))))
+    results = {name: evaluate(detector, scenes) for name, scenes in (("clean", clean), ("degraded", degraded))}
+    results["touching"] = evaluate(detector, touching)
     print(markdown(results))
     for name, r in results.items():
         for case in r["disagreements"]:

@@ -1,19 +1,16 @@
 """A calibrated shapes-world detector for generated images: segment the ink, label components, classify each crop.
 
 Generated images are blurred, noisy, off-colour and soft-cornered, so shapes are told apart by a small CNN trained on
-degraded renders (`scripts/train_shapes_detector.py`), not by geometric rules (a colour-segmentation detector with
-rules misread soft-cornered squares). Steps, all numpy except the CNN:
-
-1. ink = `(255 - darkest channel) / 255`: every palette colour is ~0.85 on a full pixel and the white background 0,
-   so one threshold separates them whatever the hue; faint smudges and noise stay below it.
-2. 8-connected components (min-label propagation with pointer jumping), specks and faint components dropped.
-3. Each component's ink, masked to it (a touching neighbour must not leak in), cut to a square around its box and
-   resampled to `crop_size`, goes to the CNN: four shapes or `junk` (fragments, blobs, smudges, merged objects).
-4. Softmax with a temperature fitted on held-out data, so `score` is a calibrated probability (GenEval keeps
-   `score > 0.9` when counting). The colour is the nearest palette colour of the component's core.
-
-A component that is `junk` but holds two palette colours (two objects of different colours touching) is split by
-colour and its parts classified again. Two touching objects of the same colour stay one `junk` component.
+degraded renders (`scripts/train_shapes_detector.py`), not by geometric rules (those misread soft-cornered squares).
+1. ink = `(255 - darkest channel) / 255`: ~0.85 on every palette colour, 0 on white, so one threshold finds objects
+   whatever their hue, while faint smudges and noise stay below it;
+2. 8-connected components (numpy only), specks and faint components dropped;
+3. each component's ink, masked to it, on a square around its box, resampled to `crop_size`: the CNN says one of
+   the four shapes or `junk` (fragments, blobs, smudges, merged objects);
+4. softmax with a temperature fitted on held-out data, so `score` is a calibrated probability (GenEval's counting
+   keeps `score > 0.9`); the colour is the nearest palette colour of the component's core.
+A `junk` component is split when it is two touching objects (by colour, else where a higher ink level or an erosion
+separates it) and the parts are classified again; same-coloured objects merged with no neck stay one `junk`.
 """
 
 from __future__ import annotations
@@ -99,9 +96,9 @@ class Component:
 def to_rgb_array(image) -> np.ndarray:
     """Any PIL image (RGB, RGBA over white, L, P, ...) or H x W x 3 uint8 array -> H x W x 3 uint8 RGB."""
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an H x W x 3 RGB array, got shape {image.shape}")
-        array = image.astype(np.uint8, copy=False)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H x W x 3 uint8 RGB array, got {image.dtype} of shape {image.shape}")
+        array = image
     elif isinstance(image, Image.Image):
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")  # transparent means background, i.e. white
@@ -126,20 +123,15 @@ def label_components(mask: np.ndarray) -> np.ndarray:
     ever decrease and always name a pixel of the same component, so `lab[lab]` (pointer jumping) is a valid shortcut
     and convergence takes a few dozen cheap passes on a 64x64 image, not one per pixel of diameter.
     """
-    h, w = mask.shape
-    big = h * w
-    lab = np.where(mask, np.arange(big).reshape(h, w), big)
+    big = mask.size
+    lab = np.where(mask, np.arange(big).reshape(mask.shape), big)
     while True:
-        padded = np.pad(lab, 1, constant_values=big)
-        new = lab.copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                np.minimum(new, padded[dy : dy + h, dx : dx + w], out=new)
+        new = np.minimum.reduce(_neighbours(lab, big))
         new[~mask] = big
         flat = new.ravel()
         fg = flat < big
-        for _ in range(2):
-            flat[fg] = flat[flat[fg]]
+        flat[fg] = flat[flat[fg]]
+        flat[fg] = flat[flat[fg]]
         if np.array_equal(new, lab):
             return np.where(mask, lab, -1)
         lab = new
@@ -161,20 +153,19 @@ def pixel_colors(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def core_color(rgb: np.ndarray, ink: np.ndarray, mask: np.ndarray) -> str:
     """Palette colour of the median of the inkiest half of a component: its edges are mixed with white or a
     neighbour, and a generator's noise or smudges shift single pixels."""
-    values = ink[mask]
-    core = mask & (ink >= np.median(values))
-    median = np.median(rgb[core], axis=0)
-    return _COLOR_NAMES[int(pixel_colors(median[None])[0][0])]
+    core = mask & (ink >= np.median(ink[mask]))
+    return _COLOR_NAMES[int(pixel_colors(np.median(rgb[core], axis=0)[None])[0][0])]
+
+
+def _neighbours(array: np.ndarray, fill) -> list[np.ndarray]:
+    """The nine shifted copies of `array` that put each pixel's 3x3 neighbours in its place (plain slices: faster
+    than a sliding-window view on small images)."""
+    padded, (h, w) = np.pad(array, 1, constant_values=fill), array.shape
+    return [padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)]
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:
-    h, w = mask.shape
-    padded = np.pad(mask, 1)
-    out = np.zeros_like(mask)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            out |= padded[dy : dy + h, dx : dx + w]
-    return out
+    return np.logical_or.reduce(_neighbours(mask, False))
 
 
 def subpixel_box(mask: np.ndarray, ink: np.ndarray, threshold: float) -> tuple[float, float, float, float]:
@@ -206,13 +197,10 @@ def find_components(rgb: np.ndarray, config: DetectorConfig) -> tuple[np.ndarray
     labels = label_components(ink > config.ink_threshold)
     ids, counts = np.unique(labels[labels >= 0], return_counts=True)
     components = []
-    for ident, count in zip(ids, counts, strict=True):
-        if count < _min_area(ink, config):
-            continue
+    for ident in ids[counts >= _min_area(ink, config)]:
         mask = labels == ident
-        if ink[mask].max() < config.peak_threshold:
-            continue
-        components.append(Component(subpixel_box(mask, ink, config.ink_threshold), mask, core_color(rgb, ink, mask)))
+        if ink[mask].max() >= config.peak_threshold:
+            components.append(_part(mask, ink, core_color(rgb, ink, mask), config))
     return ink, components
 
 
@@ -235,42 +223,35 @@ def crop_inputs(ink: np.ndarray, components: list[Component], config: DetectorCo
     factor = max(1, max(h, w) // 128)  # large images: average first, so that bilinear resampling does not alias
     if factor > 1:
         x = F.avg_pool2d(x, factor, ceil_mode=True)
-    theta = torch.zeros(len(components), 2, 3)
-    for i, c in enumerate(components):
-        x0, y0, x1, y1 = c.box
-        side = 1.2 * max(x1 - x0, y1 - y0) + 2.0
-        theta[i, 0, 0], theta[i, 0, 2] = side / w, (x0 + x1) / w - 1.0
-        theta[i, 1, 1], theta[i, 1, 2] = side / h, (y0 + y1) / h - 1.0
+    x0, y0, x1, y1 = torch.tensor([c.box for c in components], dtype=torch.float32).T
+    side, zero = 1.2 * torch.maximum(x1 - x0, y1 - y0) + 2.0, torch.zeros(len(components))
+    theta = torch.stack([side / w, zero, (x0 + x1) / w - 1.0, zero, side / h, (y0 + y1) / h - 1.0], 1).view(-1, 2, 3)
     grid = F.affine_grid(theta, [len(components), 1, size, size], align_corners=False)
     return F.grid_sample(x.clamp(0.0, 1.5), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def split_by_color(rgb: np.ndarray, ink: np.ndarray, component: Component, config: DetectorConfig) -> list[Component]:
-    """Parts of one component by palette colour, when it holds two colours with a real share each; else `[]`."""
+def split_touching(rgb: np.ndarray, ink: np.ndarray, component: Component, config: DetectorConfig) -> list[Component]:
+    """Parts of a component that may be touching objects, `[]` if it does not come apart.
+
+    First by palette colour, when a second colour holds `split_share` of the pixels. Else by cores that separate at
+    a higher ink level (objects joined by their soft edges) or after erosion (a neck: two tangent circles share one
+    three to five pixels thick); each core then takes back its own soft edge, a contested pixel going to the first.
+    """
     ys, xs = np.nonzero(component.mask)
     index, _ = pixel_colors(rgb[ys, xs])
     counts = np.bincount(index, minlength=len(_COLOR_NAMES))
-    if np.sort(counts)[-2] < config.split_share * len(index):
-        return []
-    parts = []
-    for k in np.nonzero(counts >= config.split_share * len(index))[0]:
-        sub = np.zeros_like(component.mask)
-        sub[ys[index == k], xs[index == k]] = True
-        labels = label_components(sub)
-        for ident in np.unique(labels[labels >= 0]):
-            mask = labels == ident
-            if mask.sum() >= _min_area(ink, config):
-                parts.append(Component(subpixel_box(mask, ink, config.ink_threshold), mask, _COLOR_NAMES[k]))
-    return parts
-
-
-def split_by_ink(rgb: np.ndarray, ink: np.ndarray, component: Component, config: DetectorConfig) -> list[Component]:
-    """Parts of one component whose cores separate at a higher ink level or after erosion (two same-coloured objects
-    joined by their soft edges or a thin neck); each core then takes back its own soft edge. `[]` if none separate."""
+    if np.sort(counts)[-2] >= config.split_share * len(index):
+        parts = []
+        for k in np.nonzero(counts >= config.split_share * len(index))[0]:
+            sub = np.zeros_like(component.mask)
+            sub[ys[index == k], xs[index == k]] = True
+            labels = label_components(sub)
+            masks = [labels == ident for ident in np.unique(labels[labels >= 0])]
+            parts += [_part(m, ink, _COLOR_NAMES[k], config) for m in masks if m.sum() >= _min_area(ink, config)]
+        return parts
     full = float(np.percentile(ink[component.mask], 90))
-    candidates = [component.mask & (ink > level * full) for level in (0.6, 0.75, 0.9)]
-    eroded = component.mask
-    for _ in range(3):  # two tangent circles share a neck three to five pixels thick
+    candidates, eroded = [component.mask & (ink > level * full) for level in (0.6, 0.75, 0.9)], component.mask
+    for _ in range(3):
         eroded = ~_dilate(~eroded)
         candidates.append(eroded)
     for core in candidates:
@@ -284,11 +265,14 @@ def split_by_ink(rgb: np.ndarray, ink: np.ndarray, component: Component, config:
     owner = np.full(ink.shape, -1)
     for k, ident in enumerate(cores):
         owner[labels == ident] = k
-    for _ in range(3):  # soft edges are about two pixels wide; a contested pixel goes to the first core
+    for _ in range(3):  # soft edges are about two pixels wide
         for k in range(len(cores)):
             owner[_dilate(owner == k) & component.mask & (owner == -1)] = k
-    masks = [owner == k for k in range(len(cores))]
-    return [Component(subpixel_box(m, ink, config.ink_threshold), m, core_color(rgb, ink, m)) for m in masks]
+    return [_part(owner == k, ink, core_color(rgb, ink, owner == k), config) for k in range(len(cores))]
+
+
+def _part(mask: np.ndarray, ink: np.ndarray, color: str, config: DetectorConfig) -> Component:
+    return Component(subpixel_box(mask, ink, config.ink_threshold), mask, color)
 
 
 def _min_area(ink: np.ndarray, config: DetectorConfig) -> float:
@@ -331,24 +315,16 @@ class ShapesDetector:
         metadata = {"config": json.dumps(asdict(self.config)), "classes": json.dumps(CLASSES), **extra_metadata}
         save_file(tensors, str(path), metadata=metadata)
 
-    @torch.no_grad()
-    def logits(self, crops: torch.Tensor) -> torch.Tensor:
-        """Raw CNN logits of N x 1 x S x S crops (before the temperature)."""
-        return self.model(crops) if len(crops) else torch.zeros(0, len(CLASSES))
-
     def analyze(self, images) -> list[list[Component]]:
         """Components of each image with calibrated `probs` (the label may be `junk`); one CNN call per pass."""
         arrays = [to_rgb_array(image) for image in images]
         found = [find_components(rgb, self.config) for rgb in arrays]
         self._classify([(ink, comps) for ink, comps in found])
-        results = []
-        retry = []
+        results, retry = [], []
         for rgb, (ink, comps) in zip(arrays, found, strict=True):
             kept = []
             for comp in comps:
-                parts = []
-                if comp.label == "junk":  # maybe touching objects: split by colour, else by ink level
-                    parts = split_by_color(rgb, ink, comp, self.config) or split_by_ink(rgb, ink, comp, self.config)
+                parts = split_touching(rgb, ink, comp, self.config) if comp.label == "junk" else []
                 kept += parts or [comp]
                 if parts:
                     retry.append((ink, parts))
@@ -360,7 +336,8 @@ class ShapesDetector:
         crops = [crop_inputs(ink, comps, self.config) for ink, comps in groups if comps]
         if not crops:
             return
-        probs = torch.softmax(self.logits(torch.cat(crops)) / self.config.temperature, dim=1).numpy()
+        with torch.no_grad():
+            probs = torch.softmax(self.model(torch.cat(crops)) / self.config.temperature, dim=1).numpy()
         components = [comp for _, comps in groups for comp in comps]
         for comp, p in zip(components, probs, strict=True):
             comp.probs = p
@@ -375,13 +352,12 @@ class ShapesDetector:
         A component that is more likely `junk` still reports its best shape with its (low) probability: GenEval's
         thresholds decide, as they do with any detector's candidates. Below `min_score` nothing is reported.
         """
-        detections = []
-        for comp in components:
-            k = int(np.argmax(comp.probs[: len(SHAPES)]))
-            score = float(comp.probs[k])
-            if score >= self.config.min_score:
-                detections.append(Detection(SHAPES[k], score, comp.box, comp.mask, comp.color))
-        return detections
+        best = [(comp, int(np.argmax(comp.probs[: len(SHAPES)]))) for comp in components]
+        return [
+            Detection(SHAPES[k], float(c.probs[k]), c.box, c.mask, c.color)
+            for c, k in best
+            if c.probs[k] >= self.config.min_score
+        ]
 
     def __call__(self, image) -> list[Detection]:
         return self.detect_batch([image])[0]
