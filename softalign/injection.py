@@ -206,13 +206,13 @@ class SoftTokenInjection:
             if context is None:
                 return None
             if config.architecture == "unet":
-                tokens = self.soft_tokens(*self._rows(context.shape[0])).to(context.dtype)
+                tokens = self.soft_tokens(*self._rows(context.shape[0])).to(context.device, context.dtype)
                 context = torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
             else:
                 length = self._text_len
                 context = context[:, :length] if config.position == "append" else context[:, -length:]
                 if layer < config.n_layers:
-                    tokens = self.soft_tokens(*self._rows(context.shape[0]))[:, layer].to(context.dtype)
+                    tokens = self.soft_tokens(*self._rows(context.shape[0]))[:, layer].to(context.device, context.dtype)
                     pieces = [context, tokens] if config.position == "append" else [tokens, context]
                     context = torch.cat(pieces, dim=1)
             return _set_argument(args, kwargs, "encoder_hidden_states", context_index, context)
