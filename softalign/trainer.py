@@ -177,8 +177,11 @@ class SoftAlignTrainer:
         return order[start : start + b]
 
     # -- one micro-batch ------------------------------------------------------------------------------------------
-    def _micro_step(self, step: int, micro: int) -> dict:
+    def _micro_step(self, step: int, micro: int, loss_scale: float | None = None) -> dict:
+        """Forward and backward of one micro-batch; gradients are scaled by `loss_scale` (default: 1 / accumulation
+        steps). RL trainers call this to add the SoftAlign term "alongside" their own loss."""
         a, backbone, device = self.args, self.backbone, self.backbone.device
+        loss_scale = 1.0 / a.gradient_accumulation_steps if loss_scale is None else loss_scale
         generator = self._generator(step, micro)
         latents, conditioning = self.data.batch(self._batch_indices(step, micro), generator)
         t = torch.randint(a.min_timestep, a.max_timestep, (1,), generator=generator)
@@ -192,7 +195,7 @@ class SoftAlignTrainer:
         for start in range(0, n_images, a.chunk_size):
             images = torch.arange(start, min(start + a.chunk_size, n_images))
             loss, diagnostics = self._chunk_loss(images, group, noisy, target, t, conditioning, n_images)
-            self.accelerator.backward(loss / a.gradient_accumulation_steps)
+            self.accelerator.backward(loss * loss_scale)
             totals["loss"] += loss.item()
             for key, value in diagnostics.items():
                 totals[key] += value * len(images) / n_images

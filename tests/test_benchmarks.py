@@ -36,9 +36,24 @@ def test_bench_inference_prints_the_overhead_ratio(tmp_path):
 def test_bench_softalign_step_checks_the_loss_and_prints_the_table(tmp_path):
     out = tmp_path / "step.json"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_softalign_step.py"), "--batches", "4", "--steps", "1",
-         "--size", "32", "--threads", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, check=True,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_softalign_step.py"),
+            "--batches",
+            "4",
+            "--steps",
+            "1",
+            "--size",
+            "32",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     assert "loss check" in result.stdout and "| 4 |" in result.stdout
     data = json.loads(out.read_text())

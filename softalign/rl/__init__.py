@@ -1,10 +1,14 @@
 """RL post-training with soft tokens and/or LoRA: sampler steps with log-probabilities, rewards, and
 `softalign.rl.trl` (needs trl==0.23.1), which adapts trl's DDPO / AlignProp trainers."""
 
+from .ddpo_config import DDPOConfig
+from .ddpo_trainer import DDPOTrainer
 from .rewards import GenEvalReward, dense_score, jpeg_compressibility
 from .samplers import ddim_step_with_logprob, flow_sde_step_with_logprob
 
 __all__ = [
+    "DDPOConfig",
+    "DDPOTrainer",
     "GenEvalReward",
     "SoftAlignAlignPropTrainer",
     "SoftAlignDDPOTrainer",

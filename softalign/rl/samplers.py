@@ -90,14 +90,19 @@ def ddim_step_with_logprob(
     if prev_sample is None:
         noise = _randn(model_output.shape, generator, model_output)
         prev_sample = mean + std_dev_t * noise
-    log_prob = gaussian_log_prob(prev_sample.detach(), mean, std_dev_t.expand_as(mean))
+    # A step onto alpha = 1 (`set_alpha_to_one=True`, last step) has no variance: it is deterministic, carries no
+    # policy gradient, and gets log-prob 0 instead of NaN.
+    random_rows = (std_dev_t > 0).reshape(-1)
+    safe_std = torch.where(std_dev_t > 0, std_dev_t, torch.ones_like(std_dev_t)).expand_as(mean)
+    log_prob = gaussian_log_prob(prev_sample.detach(), mean, safe_std)
+    log_prob = torch.where(random_rows, log_prob, torch.zeros_like(log_prob))
     return prev_sample.to(sample.dtype), log_prob
 
 
 def flow_sde_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
-    step_index: int,
+    step_index: int | torch.Tensor,
     sample: torch.Tensor,
     noise_level: float = 0.7,
     prev_sample: torch.Tensor | None = None,
@@ -108,12 +113,15 @@ def flow_sde_step_with_logprob(
     Args:
         scheduler (`FlowMatchEulerDiscreteScheduler`): with `set_timesteps` called (`scheduler.sigmas` is used).
         model_output (`torch.Tensor`): the predicted velocity `v = noise - x0`.
-        step_index (`int`): index into `scheduler.sigmas` of the current noise level.
+        step_index (`int` or `torch.LongTensor`): index into `scheduler.sigmas` of the current noise level, one for the
+            batch or one per sample.
         noise_level (`float`, *optional*, defaults to 0.7): `a` in `std_dev_t = a sqrt(sigma / (1 - sigma))`;
             0 gives the plain Euler ODE step (no density).
     """
     sigmas = scheduler.sigmas.to(sample.device, torch.float32)
-    sigma, sigma_next = sigmas[step_index], sigmas[step_index + 1]
+    index = torch.as_tensor(step_index, device=sample.device).long()
+    sigma = _per_sample(sigmas[index], sample).float()
+    sigma_next = _per_sample(sigmas[index + 1], sample).float()
     sigma_max = sigmas[1] if len(sigmas) > 1 else sigmas[0]
     dt = sigma_next - sigma  # negative: from noise towards data
     # at sigma = 1 the ratio is infinite; like Flow-GRPO, use the next level there

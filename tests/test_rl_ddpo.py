@@ -1,0 +1,184 @@
+import copy
+
+import pytest
+import torch
+from shapes_data import shapes_pairs
+
+from softalign import SoftTokens, SoftTokensConfig
+from softalign.backbones import context_dim_of, denoiser_of
+from softalign.config import SoftAlignConfig
+from softalign.rl.ddpo_config import DDPOConfig
+from softalign.rl.ddpo_trainer import DDPOTrainer
+from softalign.rl.stat_tracking import PerPromptStatTracker
+from softalign.testing import tiny_pipeline
+from softalign.trainer import SoftAlignTrainer
+
+PROMPTS = ["a photo of a cat", "a photo of two dogs"]
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+class Prompts:
+    """Draws from the global `random` state, as TRL examples do (the trainer pins it per batch)."""
+
+    def __call__(self):
+        import random
+
+        return random.choice(PROMPTS), {}
+
+
+def config(tmp_path, **overrides):
+    settings = dict(
+        output_dir=str(tmp_path / "ddpo"),
+        num_epochs=2,
+        sample_num_steps=3,
+        sample_batch_size=2,
+        sample_num_batches_per_epoch=2,
+        train_batch_size=2,
+        resolution=32,
+        train_learning_rate=1e-2,
+    )
+    settings.update(overrides)
+    return DDPOConfig(**settings)
+
+
+def tokens_for(pipe, family):
+    return SoftTokens(SoftTokensConfig.for_family(family, dim=context_dim_of(pipe), init="normal"))
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
+
+
+@pytest.mark.parametrize(
+    "family, train_tokens, train_lora",
+    [
+        ("sd15", True, False),
+        ("sdxl", True, False),
+        ("sd3", True, False),
+        ("sd15", False, True),
+        ("sd15", True, True),
+        ("sd3", False, True),
+    ],
+)
+def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_lora, tmp_path):
+    pipe = tiny_pipeline(family)
+    base = copy.deepcopy({k: v for k, v in denoiser_of(pipe).state_dict().items()})
+    tokens = tokens_for(pipe, family) if train_tokens else None
+    trainer = DDPOTrainer(
+        config(tmp_path), brightness, Prompts(), pipe, soft_tokens=tokens, peft_config=lora() if train_lora else None
+    )
+    initial = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
+    history = trainer.train()
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    final = trainer.trainable.state_dict()
+    if train_tokens:
+        assert not torch.equal(final["soft_tokens.tokens"][0], initial["soft_tokens.tokens"][0])
+    lora_keys = [k for k in final if k.startswith("lora.") and "lora_B" in k]
+    assert bool(lora_keys) == train_lora
+    assert all(not torch.equal(final[k], initial[k]) for k in lora_keys)
+    for name, value in denoiser_of(pipe).state_dict().items():
+        if "lora" not in name:  # PEFT renames wrapped weights `x.base_layer.weight`
+            assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+
+
+def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
+    whole = DDPOTrainer(
+        config(tmp_path / "a", num_epochs=3),
+        brightness,
+        Prompts(),
+        (p := tiny_pipeline("sd15")),
+        soft_tokens=tokens_for(p, "sd15"),
+        peft_config=lora(),
+    )
+    whole.train()
+    first = DDPOTrainer(
+        config(tmp_path / "b", num_epochs=3),
+        brightness,
+        Prompts(),
+        (q := tiny_pipeline("sd15")),
+        soft_tokens=tokens_for(q, "sd15"),
+        peft_config=lora(),
+    )
+    first.train(epochs=2)
+    resumed = DDPOTrainer(
+        config(tmp_path / "b", num_epochs=3, resume_from="latest"),
+        brightness,
+        Prompts(),
+        (r := tiny_pipeline("sd15")),
+        soft_tokens=tokens_for(r, "sd15"),
+        peft_config=lora(),
+    )
+    before = {k: v.clone() for k, v in resumed.trainable.state_dict().items()}
+    resumed.train()
+    after = resumed.trainable.state_dict()
+    assert resumed.epoch == 3 and any(not torch.equal(after[k], before[k]) for k in after)  # it trained again
+    for name, value in whole.trainable.state_dict().items():
+        assert torch.equal(value, after[name]), name
+
+
+def test_alongside_term_and_chaining_on_one_set_of_tokens(tmp_path):
+    pipe = tiny_pipeline("sd15")
+    align = SoftAlignTrainer(
+        pipe, SoftAlignConfig(output_dir=str(tmp_path / "s1"), max_steps=2, resolution=32, save_steps=0), shapes_pairs()
+    )
+    align.train()
+    tokens = align.soft_tokens
+    after_stage1 = tokens.state_dict()["tokens"].clone()
+    ddpo = DDPOTrainer(
+        config(tmp_path, num_epochs=1, alongside_weight=1.0),
+        brightness,
+        Prompts(),
+        pipe,
+        soft_tokens=tokens,
+        alongside=align,
+    )
+    ddpo.train()
+    moved = tokens.state_dict()["tokens"]
+    assert not torch.equal(moved[0], after_stage1[0])  # DDPO and AGSM both train psi+
+    assert not torch.equal(moved[1], after_stage1[1])  # psi- only learns from the alongside AGSM term
+    with pytest.raises(ValueError, match="needs an `alongside` SoftAlignTrainer"):
+        DDPOTrainer(
+            config(tmp_path / "x", alongside_weight=1.0),
+            brightness,
+            Prompts(),
+            tiny_pipeline("sd15"),
+            soft_tokens=tokens_for(pipe, "sd15"),
+        )
+
+
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        (lambda i, p, m: (torch.zeros(3), {}), "returned 3 rewards for 2 images"),
+        (lambda i, p, m: (torch.tensor([0.0, float("nan")]), {}), "non-finite rewards"),
+    ],
+)
+def test_bad_rewards_are_refused(reward, message, tmp_path):
+    pipe = tiny_pipeline("sd15")
+    trainer = DDPOTrainer(config(tmp_path), reward, Prompts(), pipe, soft_tokens=tokens_for(pipe, "sd15"))
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+
+
+def test_image_hook_runs_without_a_tracker_and_stat_tracking(tmp_path):
+    seen = []
+    pipe = tiny_pipeline("sd15")
+    trainer = DDPOTrainer(
+        config(tmp_path, num_epochs=1, per_prompt_stat_tracking=True, per_prompt_stat_tracking_min_count=1),
+        brightness,
+        Prompts(),
+        pipe,
+        soft_tokens=tokens_for(pipe, "sd15"),
+        image_samples_hook=lambda p, i, e: seen.append(i.shape),
+    )
+    trainer.train()
+    assert seen == [(4, 3, 32, 32)]
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=2)
+    advantages = tracker.update(["a", "a", "b"], [1.0, 3.0, 5.0])
+    assert advantages[:2].tolist() == pytest.approx([-1.0, 1.0], abs=1e-5)  # "a": its own mean 2, std 1
+    assert advantages[2] == pytest.approx((5 - 3) / (1.632993 + 1e-6), rel=1e-4)  # "b": too few, batch stats
