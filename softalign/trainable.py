@@ -121,6 +121,26 @@ class TrainableState:
             with self.injection.use_banks(banks):
                 yield
 
+    @contextmanager
+    def reference(self, tokens: SoftTokens | None = None):
+        """The reference model of preference losses: LoRA adapters disabled and the soft tokens replaced by `tokens`
+        (a frozen snapshot), or detached when `tokens` is None. No second copy of the denoiser is made."""
+        if self.adapters:
+            self.denoiser.disable_adapters()
+        try:
+            if self.injection is None:
+                yield
+            elif tokens is not None:
+                with self.injection.swapped(tokens):
+                    yield
+            else:
+                with self.injection.disabled():
+                    yield
+        finally:
+            if self.adapters:
+                self.denoiser.enable_adapters()
+                self._activate(self.adapters[0])
+
     # -- EMA ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:

@@ -3,12 +3,15 @@
 
 from .ddpo_config import DDPOConfig
 from .ddpo_trainer import DDPOTrainer
+from .dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from .rewards import GenEvalReward, dense_score, jpeg_compressibility
 from .samplers import ddim_step_with_logprob, flow_sde_step_with_logprob
 
 __all__ = [
     "DDPOConfig",
     "DDPOTrainer",
+    "DiffusionDPOConfig",
+    "DiffusionDPOTrainer",
     "GenEvalReward",
     "SoftAlignAlignPropTrainer",
     "SoftAlignDDPOTrainer",
