@@ -18,19 +18,19 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m ruff check softalign tests benchmarks scripts
+	$(PY) -m ruff check softalign tests benchmarks scripts recipes
 	$(PY) -m pytest -q
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: setup
-	$(PY) -m ruff check softalign tests benchmarks scripts
-	$(PY) -m ruff format --check softalign tests benchmarks scripts
+	$(PY) -m ruff check softalign tests benchmarks scripts recipes
+	$(PY) -m ruff format --check softalign tests benchmarks scripts recipes
 
 format: setup
-	$(PY) -m ruff format softalign tests benchmarks scripts
-	$(PY) -m ruff check --fix softalign tests benchmarks scripts
+	$(PY) -m ruff format softalign tests benchmarks scripts recipes
+	$(PY) -m ruff check --fix softalign tests benchmarks scripts recipes
 
 bench: setup
 	$(PY) benchmarks/bench_inference.py

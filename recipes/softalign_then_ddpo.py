@@ -1,0 +1,276 @@
+"""The flagship recipe: reward-free AGSM soft tokens, then DDPO with a GenEval-rule reward on the same tokens.
+
+    python recipes/softalign_then_ddpo.py                                  # shipped shapes model, offline, CPU
+    python recipes/softalign_then_ddpo.py --objective softrepa --out runs/flagship-softrepa
+    python recipes/softalign_then_ddpo.py --stage2 diffusion_dpo --alongside 0.5 --train-lora
+    python recipes/softalign_then_ddpo.py --model path/to/sd15 --data data/coco-train --stage2 none
+    accelerate launch --num_processes 2 recipes/softalign_then_ddpo.py --stage1-steps 200
+
+Stages: evaluate the base model on the held-out shapes split; stage 1, SoftAlign (AGSM by default) on shapes-world
+image-caption pairs (or `--data`); evaluate; stage 2, DDPO with the GenEval-rule reward (or Diffusion-DPO, or
+nothing) on the same soft tokens (and a LoRA with `--train-lora`); evaluate. The report directory holds `report.md`
+(per-tag table with changes), `report.json`, the verdict grids of every evaluation (same prompts and seeds),
+`curves.png`, and the adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file with any of these options (flags override it).")
+    parser.add_argument("--model", default=str(ROOT / "models" / "shapes-sd15"), help="Local pipeline directory.")
+    parser.add_argument("--data", help="Image-caption folder (metadata.jsonl) for stage 1; default: shapes renders.")
+    parser.add_argument("--out", default="runs/flagship", help="Report directory.")
+    parser.add_argument("--objective", default="agsm", choices=["agsm", "softrepa"])
+    parser.add_argument("--stage2", default="ddpo", choices=["ddpo", "diffusion_dpo", "none"])
+    parser.add_argument("--alongside", type=float, default=0.0, help="Weight of the stage-1 objective in stage 2.")
+    parser.add_argument("--train-lora", action="store_true", help="Stage 2 also trains a LoRA (rank 4).")
+    parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument("--stage1-images", type=int, default=512, help="Shapes renders for stage 1.")
+    parser.add_argument("--stage2-epochs", type=int, default=8)
+    parser.add_argument("--eval-images-per-prompt", type=int, default=4)
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-base-eval", action="store_true", help="Reuse <out>/eval-base if present.")
+    args = parser.parse_args(argv)
+    if args.config:
+        import yaml
+
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = sorted(set(data) - set(vars(args)))
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown options {unknown}")
+        defaults = parser.parse_args([])
+        for key, value in data.items():
+            if getattr(args, key) == getattr(defaults, key):  # the command line wins
+                setattr(args, key, value)
+    return args
+
+
+def shapes_pairs(n: int, seed: int):
+    from softalign.shapes.data import sample_metadata
+    from softalign.shapes.prompts import split_prompts
+    from softalign.shapes.render import render_scene
+
+    rng = np.random.default_rng(seed)
+    lines = split_prompts("train")
+    pairs = []
+    for _ in range(n):
+        line = sample_metadata(rng, lines)
+        pairs.append((render_scene(line, rng)[0], line["prompt"]))
+    return pairs
+
+
+def evaluate(pipe, args, name: str, detector) -> dict:
+    from softalign.eval.run import run_evaluation
+    from softalign.shapes.prompts import evaluation_metadata
+
+    plan = [(line, args.eval_images_per_prompt) for line, _ in evaluation_metadata("heldout")]
+    out = Path(args.out) / f"eval-{name}"
+    print(f"\n== evaluating {name}: {sum(n for _, n in plan)} images on the held-out split", flush=True)
+    return run_evaluation(
+        pipe,
+        plan,
+        detector,
+        out,
+        seed=1234,
+        num_inference_steps=args.sample_steps,
+        guidance_scale=args.guidance_scale,
+        title=f"{name}: GenEval rules, held-out shapes",
+    )
+
+
+def stage2(pipe, args, tokens, stage1_trainer, detector):
+    from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer, GenEvalReward
+    from softalign.shapes.prompts import split_prompts
+
+    lines = split_prompts("train")
+    peft = None
+    if args.train_lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    out = Path(args.out) / "stage2"
+    if args.stage2 == "ddpo":
+        rng = random.Random(args.seed)
+
+        def prompt_fn():
+            line = lines[rng.randrange(len(lines))]
+            return line["prompt"], line
+
+        config = DDPOConfig(
+            output_dir=str(out),
+            num_epochs=args.stage2_epochs,
+            sample_num_steps=args.sample_steps,
+            sample_batch_size=16,
+            sample_num_batches_per_epoch=2,
+            train_batch_size=16,
+            sample_guidance_scale=args.guidance_scale,
+            train_learning_rate=3e-3,
+            train_timestep_fraction=0.5,
+            per_prompt_stat_tracking=False,
+            seed=args.seed,
+            alongside_weight=args.alongside,
+        )
+        trainer = DDPOTrainer(
+            config,
+            GenEvalReward(detector, dense=True),
+            prompt_fn,
+            pipe,
+            soft_tokens=tokens,
+            peft_config=peft,
+            alongside=stage1_trainer if args.alongside else None,
+        )
+        history = trainer.train()
+        return trainer, [{"step": r["epoch"] + 1, "value": r["reward_mean"]} for r in history], "mean dense reward"
+    pairs = preference_pairs(pipe, args, lines, detector)
+    config = DiffusionDPOConfig(
+        output_dir=str(out),
+        max_steps=args.stage2_epochs * 10,
+        seed=args.seed,
+        logging_steps=1,
+        alongside_weight=args.alongside,
+    )
+    trainer = DiffusionDPOTrainer(
+        pipe, config, pairs, soft_tokens=tokens, peft_config=peft, alongside=stage1_trainer if args.alongside else None
+    )
+    history = trainer.train()
+    return trainer, [{"step": r["step"], "value": r["loss"]} for r in history], "DPO loss"
+
+
+def preference_pairs(pipe, args, lines, detector) -> list[dict]:
+    """Preferred: a render of the prompt; rejected: one of the model's samples that fails GenEval's rules."""
+    from softalign.eval.rules import evaluate_detections
+    from softalign.shapes.render import render_scene
+
+    rng = np.random.default_rng(args.seed)
+    pairs = []
+    for index in rng.permutation(len(lines))[:64]:
+        line = lines[int(index)]
+        image = pipe(
+            line["prompt"],
+            num_inference_steps=args.sample_steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.Generator().manual_seed(int(index)),
+        ).images[0]
+        if not evaluate_detections(detector(image), line)[0]:
+            pairs.append({"caption": line["prompt"], "chosen": render_scene(line, rng)[0], "rejected": image})
+    return pairs
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Training curves as a small PNG (PIL only): one panel per stage, value against step."""
+    from PIL import Image, ImageDraw
+
+    panels = [(name, points) for name, points in curves.items() if points]
+    width, height = 360, 220
+    canvas = Image.new("RGB", (width * max(1, len(panels)), height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for p, (name, points) in enumerate(panels):
+        x0, y0, w, h = p * width + 40, 30, width - 60, height - 70
+        xs, ys = [pt["step"] for pt in points], [pt["value"] for pt in points]
+        lo, hi = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-9
+        draw.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        draw.text((x0, 8), name, fill="black")
+        draw.text((x0 - 35, y0), f"{hi:.3g}", fill="black")
+        draw.text((x0 - 35, y0 + h - 10), f"{lo:.3g}", fill="black")
+        draw.text((x0, y0 + h + 5), f"step {min(xs)}..{max(xs)}", fill="black")
+        span = max(xs) - min(xs) or 1
+        line = [(x0 + w * (x - min(xs)) / span, y0 + h - h * (y - lo) / (hi - lo)) for x, y in zip(xs, ys, strict=True)]
+        if len(line) > 1:
+            draw.line(line, fill="blue", width=2)
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from softalign import SoftAlignConfig, SoftAlignTrainer, save_soft_tokens
+    from softalign.backbones import denoiser_of
+    from softalign.cli import load_pipeline
+    from softalign.eval.report import compare
+    from softalign.shapes.detector import ShapesDetector
+
+    started = time.time()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model)
+    detector = ShapesDetector.load()
+    summaries = {}
+    if args.skip_base_eval and (out / "eval-base" / "summary.json").is_file():
+        summaries["base"] = json.loads((out / "eval-base" / "summary.json").read_text())
+    else:
+        summaries["base"] = evaluate(pipe, args, "base", detector)
+
+    print(f"\n== stage 1: {args.objective} soft tokens, {args.stage1_steps} steps", flush=True)
+    data = args.data or shapes_pairs(args.stage1_images, args.seed)
+    stage1_config = SoftAlignConfig(
+        output_dir=str(out / "stage1"),
+        objective=args.objective,
+        max_steps=args.stage1_steps,
+        seed=args.seed,
+        logging_steps=5,
+        save_steps=0,
+        train_batch_size=8,
+        chunk_size=8,
+        ema_decay=0.99,
+        resolution=denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor,
+    )
+    stage1 = SoftAlignTrainer(pipe, stage1_config, data)
+    stage1.train()
+    tokens = stage1.soft_tokens
+    save_soft_tokens(tokens, out / "adapter-stage1")
+    summaries["stage1"] = evaluate(pipe, args, "stage1", detector)
+    curves = {
+        f"stage 1 {args.objective} loss": [{"step": r["step"], "value": r["loss"]} for r in stage1.state.log_history]
+    }
+    if args.stage2 != "none":
+        print(f"\n== stage 2: {args.stage2} on the same soft tokens", flush=True)
+        trainer, points, label = stage2(pipe, args, tokens, stage1, detector)
+        curves[f"stage 2 {label}"] = points
+        save_soft_tokens(tokens, out / "adapter-stage2")
+        summaries["stage2"] = evaluate(pipe, args, "stage2", detector)
+    plot_curves(curves, out / "curves.png")
+    table = compare(summaries)
+    minutes = (time.time() - started) / 60
+    report = [
+        f"# softalign flagship: {args.objective} then {args.stage2}",
+        "",
+        f"Model: `{args.model}`; "
+        f"held-out shapes split, {args.eval_images_per_prompt} images per prompt, seed 1234, "
+        f"{args.sample_steps} steps, CFG {args.guidance_scale}; {minutes:.1f} minutes.",
+        "",
+        table,
+        "",
+        "Grids: " + ", ".join(f"`eval-{name}/grid.png`" for name in summaries) + "; curves: `curves.png`.",
+    ]
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    (out / "report.json").write_text(
+        json.dumps({"args": vars(args), "summaries": summaries, "curves": curves, "minutes": minutes}, indent=2) + "\n"
+    )
+    for name in summaries:
+        grid = out / f"eval-{name}" / "grid.png"
+        if grid.is_file():
+            shutil.copy(grid, out / f"grid-{name}.png")
+    print("\n" + table + f"\n\nReport: {out / 'report.md'} ({minutes:.1f} minutes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
