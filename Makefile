@@ -34,6 +34,10 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_softalign_step.py
+
+demo: setup
+	$(PY) recipes/softalign_then_ddpo.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
