@@ -177,9 +177,20 @@ class SoftAlignTrainer:
         return order[start : start + b]
 
     # -- one micro-batch ------------------------------------------------------------------------------------------
-    def _micro_step(self, step: int, micro: int, loss_scale: float | None = None) -> dict:
+    def alignment_loss(self, step: int) -> torch.Tensor:
+        """The objective on the micro-batch of `step` as a tensor with its graph (no backward), for trainers that add
+        it to their own loss, e.g. `SoftAlignDDPOTrainer(..., alongside_loss_fn=lambda: trainer.alignment_loss(k))`.
+        Keeps every chunk's graph: use small batches."""
+        if self.data is None:
+            self.prepare_data()
+        losses = []
+        self._micro_step(step, 0, loss_scale=1.0, collect=losses)
+        return torch.stack(losses).sum()
+
+    def _micro_step(self, step: int, micro: int, loss_scale: float | None = None, collect: list | None = None) -> dict:
         """Forward and backward of one micro-batch; gradients are scaled by `loss_scale` (default: 1 / accumulation
-        steps). RL trainers call this to add the SoftAlign term "alongside" their own loss."""
+        steps). RL trainers call this to add the SoftAlign term "alongside" their own loss. With `collect`, the chunk
+        losses are appended to it instead of being backpropagated."""
         a, backbone, device = self.args, self.backbone, self.backbone.device
         loss_scale = 1.0 / a.gradient_accumulation_steps if loss_scale is None else loss_scale
         generator = self._generator(step, micro)
@@ -195,7 +206,10 @@ class SoftAlignTrainer:
         for start in range(0, n_images, a.chunk_size):
             images = torch.arange(start, min(start + a.chunk_size, n_images))
             loss, diagnostics = self._chunk_loss(images, group, noisy, target, t, conditioning, n_images)
-            self.accelerator.backward(loss * loss_scale)
+            if collect is not None:
+                collect.append(loss * loss_scale)
+            else:
+                self.accelerator.backward(loss * loss_scale)
             totals["loss"] += loss.item()
             for key, value in diagnostics.items():
                 totals[key] += value * len(images) / n_images

@@ -226,3 +226,14 @@ def test_tensorboard_logging_and_periodic_samples(tmp_path):
     run = tmp_path / "run"
     assert list(run.rglob("events.out.tfevents.*")), "no tensorboard event file"
     assert (run / "samples" / "step-000002.png").is_file()
+
+
+def test_alignment_loss_is_a_differentiable_term_for_other_trainers(tmp_path):
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path), PAIRS)
+    loss = trainer.alignment_loss(0)
+    assert loss.dim() == 0 and loss.requires_grad
+    loss.backward()
+    grad = trainer.soft_tokens.tokens.grad.clone()
+    trainer.soft_tokens.zero_grad(set_to_none=True)
+    trainer._micro_step(0, 0, loss_scale=1.0)  # the same batch through the trainer's own backward
+    assert torch.allclose(grad, trainer.soft_tokens.tokens.grad, rtol=1e-5, atol=1e-9)
