@@ -49,10 +49,14 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-base-eval", action="store_true", help="Reuse <out>/eval-base if present.")
     args = parser.parse_args(argv)
+    args.softalign_overrides, args.stage2_overrides = {}, {}
     if args.config:
         import yaml
 
         data = yaml.safe_load(Path(args.config).read_text()) or {}
+        # nested mappings override the trainers' configs (SoftAlignConfig / DDPOConfig or DiffusionDPOConfig)
+        args.softalign_overrides = data.pop("softalign", {}) or {}
+        args.stage2_overrides = data.pop("stage2_config", {}) or {}
         unknown = sorted(set(data) - set(vars(args)))
         if unknown:
             raise SystemExit(f"{args.config}: unknown options {unknown}")

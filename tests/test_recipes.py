@@ -42,3 +42,96 @@ def test_flagship_recipe_runs_all_stages_and_writes_the_report(tmp_path):
     report = json.loads((run / "report.json").read_text())
     assert set(report["summaries"]) == {"base", "stage1", "stage2"}
     assert "counting" in (run / "report.md").read_text()
+
+
+def test_recipe_presets_parse_into_valid_configs():
+    import softalign_then_ddpo as recipe
+    import yaml
+
+    from softalign.config import SoftAlignConfig
+    from softalign.rl import DDPOConfig
+
+    for preset in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
+        args = recipe.parse_args(["--config", str(preset)])
+        SoftAlignConfig.from_dict(args.softalign_overrides)
+        DDPOConfig(**args.stage2_overrides)
+        assert yaml.safe_load(preset.read_text())["objective"] == args.objective
+
+
+def _tiny_model(tmp_path):
+    from softalign.testing import tiny_pipeline
+
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def _load(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_soft_tokens_recipe(tmp_path):
+    assert (
+        _load("train_soft_tokens").main(
+            [
+                "--model",
+                _tiny_model(tmp_path),
+                "--out",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--images",
+                "16",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_ddpo_and_dpo_recipes(tmp_path):
+    from PIL import Image
+
+    load = _load
+
+    model = _tiny_model(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\na photo of a dog\n")
+    assert (
+        load("ddpo").main(
+            [
+                "--model",
+                model,
+                "--out",
+                str(tmp_path / "ddpo"),
+                "--reward",
+                "jpeg",
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--epochs",
+                "1",
+                "--sample-steps",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    Image.new("RGB", (32, 32), "red").save(pairs / "a.png")
+    Image.new("RGB", (32, 32), "white").save(pairs / "b.png")
+    (pairs / "pairs.jsonl").write_text('{"caption": "a red square", "chosen": "a.png", "rejected": "b.png"}\n' * 4)
+    assert (
+        load("diffusion_dpo").main(
+            ["--model", model, "--pairs", str(pairs), "--out", str(tmp_path / "dpo"), "--max-steps", "2"]
+        )
+        == 0
+    )
+    assert (tmp_path / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
