@@ -1,9 +1,10 @@
-"""Run by test_crash_resume.py (and scripts/reliability_report.py) as a subprocess that gets killed with SIGKILL.
+"""Run by test_crash_resume.py (and scripts/reliability_report.py) as a subprocess whose runs get killed with SIGKILL.
 
-    python tests/crash_train.py {softalign|ddpo} OUTPUT_DIR RESULT_FILE STEPS
+    python tests/crash_train.py {softalign|ddpo} OUTPUT_DIR RESULT_FILE STEPS     # one run (one "life")
+    python tests/crash_train.py --serve                                          # a fork server of lives
 
-A tiny sd15 run that always starts with `resume_from_checkpoint="latest"` (SoftAlign) / `resume_from="latest"` (DDPO)
-and checkpoints after every step / epoch. It reports on stdout, one flushed line each:
+A life is a tiny sd15 run that always starts with `resume_from_checkpoint="latest"` (SoftAlign) / `resume_from=
+"latest"` (DDPO) and checkpoints after every step / epoch. It reports on stdout, one flushed line each:
 
 - `resumed checkpoint-N` when it loads a checkpoint,
 - `step N` when step N (SoftAlign: optimiser steps, 1-based) or epoch N (DDPO: after its sampling, 0-based) is reached,
@@ -11,8 +12,14 @@ and checkpoints after every step / epoch. It reports on stdout, one flushed line
 - `done` after the final trainable state is written to RESULT_FILE (safetensors, every tensor of
   `trainer.trainable.state_dict()`).
 
-With `CRASH_KILL_IN_SAVE=N` in the environment, the process SIGKILLs itself while checkpoint N is being written (its
-files are in the staging directory, the integrity record and the rename are still to come).
+With `kill_in_save=N` (`CRASH_KILL_IN_SAVE=N` in the environment for a single run), the life SIGKILLs itself while
+checkpoint N is being written (its files are in the staging directory; the integrity record and the rename are still
+to come).
+
+`--serve` imports torch, diffusers and softalign once and then, for each JSON line on stdin
+(`{"kind", "output_dir", "result", "steps", "log", "kill_in_save"}`), forks a life with its stderr in `log`, prints
+`pid <pid>`, waits for it and prints `exit <code>` (negative: killed by that signal). Each life is its own process
+(its own locks, files and death); the fork only saves the 3-5 s of imports per life.
 """
 
 from __future__ import annotations
@@ -129,11 +136,11 @@ def kill_while_saving(step: int) -> None:
     checkpoints.write_integrity = die_first
 
 
-def main(kind: str, output_dir: str, result: str, steps: int) -> None:
+def life(kind: str, output_dir: str, result: str, steps: int, kill_in_save: int | None = None) -> None:
     from safetensors.torch import save_file
 
-    if os.environ.get("CRASH_KILL_IN_SAVE"):
-        kill_while_saving(int(os.environ["CRASH_KILL_IN_SAVE"]))
+    if kill_in_save is not None:
+        kill_while_saving(kill_in_save)
     trainer = softalign_trainer(output_dir, steps) if kind == "softalign" else ddpo_trainer(output_dir, steps)
     load = trainer._load_checkpoint
 
@@ -149,5 +156,51 @@ def main(kind: str, output_dir: str, result: str, steps: int) -> None:
     say("done")
 
 
+def serve() -> None:
+    import json
+    import traceback
+
+    import accelerate  # noqa: F401  (imports paid once, before any fork)
+    import diffusers.optimization  # noqa: F401
+    import peft  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import shapes_data  # noqa: F401
+    import tqdm.auto  # noqa: F401
+
+    import softalign.rl.ddpo_trainer  # noqa: F401
+    import softalign.trainer  # noqa: F401
+    from softalign.testing import tiny_pipeline
+
+    tiny_pipeline("sd15")  # builds and caches the tokenizer; every life still builds its own pipeline
+    say("ready")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(log, 2)
+                life(job["kind"], job["output_dir"], job["result"], job["steps"], job.get("kill_in_save"))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        say(f"pid {pid}")
+        _, status = os.waitpid(pid, 0)
+        say(f"exit {os.waitstatus_to_exitcode(status)}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        kill = os.environ.get("CRASH_KILL_IN_SAVE")
+        life(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(kill) if kill else None)
