@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,10 +131,21 @@ class SoftAlignConfig:
         for name in ("learning_rate", "temperature", "softrepa_tau", "softrepa_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SoftAlignConfig.{name} must be positive, got {getattr(self, name)!r}.")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"SoftAlignConfig.{f.name} must be a finite number, got {value!r}.")
         for name in ("gamma_pos", "gamma_neg", "dweight", "weight_decay"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"SoftAlignConfig.{name} must be >= 0, got {value!r}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"SoftAlignConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"SoftAlignConfig.{name} must lie in [0, 1), got {getattr(self, name)!r}.")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"SoftAlignConfig.adam_epsilon must be positive, got {self.adam_epsilon!r}.")
         if self.save_steps < 0 or self.sample_steps < 0 or self.lr_warmup_steps < 0:
             raise ValueError("save_steps, sample_steps and lr_warmup_steps must be >= 0.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
@@ -151,14 +164,21 @@ class SoftAlignConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        """Write the config as JSON atomically (a failed write leaves the previous file intact)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> SoftAlignConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping of SoftAlignConfig fields, got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))  # YAML keys need not be strings
         if unknown:
             warnings.warn(f"{source}: ignoring unknown SoftAlignConfig keys {unknown}.", stacklevel=2)
         try:
@@ -176,6 +196,8 @@ class SoftAlignConfig:
             raise FileNotFoundError(f"Config file not found: {path}")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not UTF-8 text: {error}") from error
         except yaml.YAMLError as error:
             raise ValueError(f"{path} is not valid YAML: {error}") from error
         return cls.from_dict(data, source=str(path))

@@ -52,7 +52,12 @@ def image_folder(root: str | os.PathLike) -> list[Example]:
     if not metadata.is_file():
         raise FileNotFoundError(f"{root} has no metadata.jsonl (lines of {{'file_name': ..., 'text': ...}}).")
     examples = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = metadata.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{metadata} is not UTF-8 text: {error}") from error
+    # split at newlines only: str.splitlines() also splits at U+2028 and friends, which JSON strings may hold raw
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{metadata}, line {number}"
@@ -60,10 +65,17 @@ def image_folder(root: str | os.PathLike) -> list[Example]:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg}).") from error
+        except RecursionError as error:
+            raise ValueError(f"{where}: JSON nested too deeply.") from error
         if not isinstance(row, dict) or "file_name" not in row or "text" not in row:
             found = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ValueError(f"{where}: expected an object with 'file_name' and 'text', got {found}.")
-        path = root / str(row["file_name"])
+        name = row["file_name"]
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{where}: 'file_name' must be a non-empty string, got {name!r}.")
+        path = root / name
+        if root.resolve() not in path.resolve().parents:
+            raise ValueError(f"{where}: 'file_name' {name!r} points outside the image folder {root}.")
         caption = check_caption(row["text"], where)
         stat = path.stat() if path.is_file() else None
         key = f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}" if stat else f"missing:{path}"
@@ -156,12 +168,28 @@ def _bytes_loader(data: bytes, source: str):
     return load
 
 
+def to_8bit_rgb(image: Image.Image, source: str) -> Image.Image:
+    """RGB with 8 bits per channel: greyscale, palette, RGBA (onto black) and CMYK convert directly; 16-bit and 32-bit
+    integer images are rescaled from their full range and float images from [0, 1] (PIL's convert would clip them)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() <= 65535 else float(2**31 - 1)
+        array = np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise ValueError(f"{source} holds NaN or infinite pixel values.")
+        return Image.fromarray(np.clip(array * 255.0, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def preprocess(image: Image.Image, resolution: int, center_crop: bool, source: str) -> torch.Tensor:
     """RGB float tensor `(3, resolution, resolution)` in [-1, 1]: resize the short side, then centre-crop
     (`center_crop=True`), or resize to a square ignoring the aspect ratio."""
     if min(image.size) < MIN_IMAGE_SIDE:
         raise ValueError(f"{source} is {image.size[0]}x{image.size[1]} pixels; images need at least {MIN_IMAGE_SIDE}.")
-    image = image.convert("RGB")  # greyscale, palette, RGBA (onto black) and CMYK become RGB
+    image = to_8bit_rgb(image, source)
     if center_crop:
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.size[0] * scale)), max(resolution, round(image.size[1] * scale)))

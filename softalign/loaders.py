@@ -60,7 +60,7 @@ def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
             )
     try:
         data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from error
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -74,6 +74,11 @@ def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
     if set(tensors) != set(expected):
         raise ValueError(f"{weights_file} holds tensors {sorted(tensors)}, but its config expects {sorted(expected)}.")
     for name, shape in expected.items():
+        if tensors[name].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(
+                f"{weights_file}: tensor {name!r} is {tensors[name].dtype}; expected a float16/bfloat16/float32/"
+                "float64 tensor."
+            )
         if tuple(tensors[name].shape) != shape:
             raise ValueError(
                 f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, its config expects {shape}."

@@ -84,7 +84,11 @@ class SoftTokensConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SoftTokensConfig.{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.init_std, (int, float)) or not self.init_std > 0:
+        if not isinstance(self.timestep_embedding, bool):
+            raise ValueError(
+                f"SoftTokensConfig.timestep_embedding must be true or false, got {self.timestep_embedding!r}."
+            )
+        if not isinstance(self.init_std, (int, float)) or not 0 < self.init_std < float("inf"):
             raise ValueError(f"SoftTokensConfig.init_std must be a positive number, got {self.init_std!r}.")
         if self.architecture == Architecture.UNET.value:
             self._validate_unet()

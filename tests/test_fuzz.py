@@ -3,7 +3,7 @@ and the GenEval metadata parser either accept an input (and then the result is v
 ValueError / FileNotFoundError; no other exception type may escape.
 
 Each property runs 100 derandomized examples (reproducible in CI). The properties that currently fail are strict
-xfails with their minimal input as an explicit `@example`, so they fail the same way every time; `COUNTS` records
+regression tests that keep their minimal input as an explicit `@example` (the bugs are fixed); `COUNTS` records
 how many cases each property ran (`scripts/reliability_report.py` prints the total).
 """
 
@@ -115,12 +115,6 @@ def test_config_loader_builds_a_valid_config_or_raises_value_error(data):
     assert _quiet(SoftAlignConfig.from_dict, config.to_dict()) == config  # what `save` writes reads back the same
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="BUG: SoftAlignConfig.from_dict sorts the unknown keys; keys of mixed types (YAML `1: 2` next to a "
-    "misspelt key) raise TypeError instead of a warning. Minimal input: {1: 2, 'x': 3}.",
-)
 @FUZZ
 @given(data=st.dictionaries(st.one_of(st.integers(), st.text(max_size=4), st.booleans()), _JUNK, max_size=4))
 @example(data={1: 2, "x": 3})
@@ -135,12 +129,6 @@ def test_config_loader_with_keys_of_any_type(data):
 _NON_FINITE_FIELDS = ["gamma_pos", "gamma_neg", "dweight", "weight_decay", "max_grad_norm", "learning_rate"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SoftAlignConfig accepts non-finite numbers: `value < 0` is False for NaN, so gamma_pos / gamma_neg / "
-    "dweight / weight_decay / max_grad_norm take NaN and inf, learning_rate takes inf. Minimal input: "
-    "{'gamma_pos': nan}.",
-)
 @FUZZ
 @given(name=st.sampled_from(_NON_FINITE_FIELDS), value=st.sampled_from([math.nan, math.inf, -math.inf]))
 @example(name="gamma_pos", value=math.nan)
@@ -250,13 +238,6 @@ _DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8
 _DTYPES += [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="BUG: loaders.read_soft_tokens calls torch.isfinite on any dtype the file holds; float8 tensors raise "
-    "NotImplementedError. Minimal input: adapter_model.safetensors whose tensors have the right shapes in "
-    "float8_e4m3fn.",
-)
 @FUZZ
 @given(dtype=st.sampled_from(_DTYPES))
 @example(dtype=torch.float8_e4m3fn)
@@ -270,12 +251,6 @@ def test_adapter_loader_with_tensors_of_any_dtype(dtype):
     assert tokens is not None or WEIGHTS_NAME in str(error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="BUG: json.loads' RecursionError escapes loaders.read_soft_tokens, data.image_folder and "
-    "eval.metadata.parse_metadata_line for a deeply nested document. Minimal input: b'[' * 100000.",
-)
 @FUZZ
 @given(depth=st.integers(1, 100_000))
 @example(depth=100_000)
@@ -342,12 +317,6 @@ def test_image_folder_parser_reads_every_valid_line_ascii_json(captions, names):
     assert [e.caption for e in examples] == captions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: data.image_folder splits metadata.jsonl with str.splitlines(), which also breaks lines at U+2028, "
-    "U+2029 and U+0085 inside JSON strings (json.dumps(..., ensure_ascii=False) writes them raw). Minimal "
-    'input: the line {"file_name": "0.png", "text": "one\\u2028two"} written with ensure_ascii=False.',
-)
 @FUZZ
 @given(captions=st.lists(_CAPTIONS, min_size=1, max_size=5))
 @example(captions=["one\u2028two"])
@@ -360,11 +329,6 @@ def test_image_folder_parser_reads_every_valid_line_utf8_json(captions):
     assert [e.caption for e in examples] == captions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: data.image_folder lets a UnicodeDecodeError (a ValueError, but one that names neither "
-    "metadata.jsonl nor the line) escape for a file that is not UTF-8. Minimal input: b'\\xe9\\n'.",
-)
 @FUZZ
 @given(data=st.binary(max_size=120))
 @example(data=b"\xe9\n")

@@ -129,6 +129,8 @@ def parse_metadata_line(text: str, *, source: str = "metadata", line: int | None
         metadata = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{_where(source, line)}: broken JSON ({error.msg} at column {error.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{_where(source, line)}: JSON nested too deeply") from None
     return validate_metadata(metadata, source=source, line=line, **checks)
 
 
@@ -153,10 +155,14 @@ def load_metadata(
     if colors is not None:
         colors = set(colors)
     entries = []
-    with open(source, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if text.strip():
-                entries.append(parse_metadata_line(text, source=source, line=number, classes=classes, colors=colors))
+    try:
+        with open(source, encoding="utf-8") as handle:
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{source} is not UTF-8 text: {error}") from None
+    for number, text in enumerate(lines, start=1):
+        if text.strip():
+            entries.append(parse_metadata_line(text, source=source, line=number, classes=classes, colors=colors))
     if not entries:
         raise ValueError(f"{source}: no metadata lines; expected one JSON object per line")
     return entries

@@ -174,10 +174,18 @@ class DDPOTrainer:
 
     def _rewards(self, samples: dict):
         def score():
-            rewards, info = self.reward_function(
-                samples["images"], tuple(samples["prompts"]), tuple(samples["metadata"])
-            )
-            rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+            result = self.reward_function(samples["images"], tuple(samples["prompts"]), tuple(samples["metadata"]))
+            if not isinstance(result, tuple) or len(result) != 2:
+                length = f" of length {len(result)}" if isinstance(result, tuple) else ""
+                raise ValueError(f"reward_fn must return a (rewards, info) tuple, got {type(result).__name__}{length}.")
+            rewards, info = result
+            try:
+                rewards = torch.as_tensor(rewards, dtype=torch.float32).detach().reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"reward_fn returned rewards of type {type(rewards).__name__}; expected a tensor or sequence of "
+                    f"{len(samples['prompts'])} numbers ({error})."
+                ) from error
             if rewards.numel() != len(samples["prompts"]):
                 raise ValueError(f"reward_fn returned {rewards.numel()} rewards for {len(samples['prompts'])} images.")
             if not torch.isfinite(rewards).all():
@@ -244,6 +252,12 @@ class DDPOTrainer:
                 batch["perms"] = perms[rows]
                 for j in range(c.num_train_timesteps):
                     loss, info = self._ppo_loss(batch, j)
+                    if not torch.isfinite(loss):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        raise FloatingPointError(
+                            f"Non-finite DDPO loss ({loss.item()}) at epoch {epoch}, timestep {j}; stopping before "
+                            "it reaches the parameters."
+                        )
                     self.accelerator.backward(loss / accumulation)
                     logs["loss"] += loss.item()
                     for key, value in info.items():
