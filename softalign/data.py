@@ -74,7 +74,8 @@ def image_folder(root: str | os.PathLike) -> list[Example]:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{where}: 'file_name' must be a non-empty string, got {name!r}.")
         path = root / name
-        if root.resolve() not in path.resolve().parents:
+        inside = os.path.abspath(root)  # string operations only: names that cannot exist still parse
+        if os.path.commonpath([inside, os.path.abspath(path)]) != inside or os.path.abspath(path) == inside:
             raise ValueError(f"{where}: 'file_name' {name!r} points outside the image folder {root}.")
         caption = check_caption(row["text"], where)
         stat = path.stat() if path.is_file() else None
