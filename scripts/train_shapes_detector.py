@@ -4,7 +4,9 @@
 
 Scenes take their layout from `render_scene` (any prompt, wider object sizes) and are redrawn object by object with
 what a small diffusion model gets wrong: rounded corners (alpha blurred, then re-thresholded), wobbly outlines, small
-rotations and aspect changes, off colours, then image-wide blur, down-up sampling, noise and an off-white background.
+rotations and aspect changes, blobby outlines, off colours and two-colour blended fills (the dominant colour names
+the object), soft halos, off-colour tails and faint yellowish speckle, then image-wide blur, down-up sampling, noise
+and an off-white background.
 `junk` is drawn on purpose: bitten fragments, elongated blobs, strokes, crescents, faint smudges, and shapes touching
 a partner (one component, two objects). A share of scenes keeps the exact clean render. Crops come from the
 detector's own segmentation (and its splitting of junk components), so training sees what inference sees; each
@@ -29,7 +31,7 @@ from softalign.shapes.render import SceneObject, _shape_polygon, render_scene  #
 from softalign.shapes.vocabulary import COLORS, SHAPES
 
 SS = 4  # supersampling of object masks, as the renderer
-ROUNDING = {"circle": 0.10, "square": 0.14, "triangle": 0.10, "star": 0.09}  # max corner blur, share of the side
+ROUNDING = {"circle": 0.10, "square": 0.20, "triangle": 0.16, "star": 0.11}  # max corner blur, share of the side
 ROTATION = {"circle": 0.0, "square": 12.0, "triangle": 12.0, "star": 15.0}  # max degrees
 JUNK = len(det.CLASSES) - 1
 
@@ -87,10 +89,32 @@ def shape_alpha(size: int, label: str, box, rng, degrade: bool) -> np.ndarray:
     if not degrade:
         return coverage(size, [("polygon", points)], box)
     angle = math.radians(rng.uniform(-1, 1) * ROTATION[label])
-    wobble = rng.uniform(0, 0.05) * half if rng.random() < 0.5 else 0.0
-    points = turn(points, cx, cy, angle, math.exp(rng.uniform(-0.1, 0.1)), wobble, rng)
-    rounding = rng.uniform(0, ROUNDING[label]) * 2 * half if rng.random() < 0.6 else 0.0
+    if rng.random() < 0.4:  # a generator's blobby outline: slow radial bulges, edges subdivided so that they bend
+        points = blobby(densify(points, 6), cx, cy, rng.uniform(0.02, 0.07), rng)
+    wobble = rng.uniform(0, 0.07) * half if rng.random() < 0.5 else 0.0
+    points = turn(points, cx, cy, angle, math.exp(rng.uniform(-0.12, 0.12)), wobble, rng)
+    rounding = rng.uniform(0, ROUNDING[label]) * 2 * half if rng.random() < 0.7 else 0.0
     return coverage(size, [("polygon", points)], box, rounding, rng.uniform(0.4, 0.6))
+
+
+def densify(points, k: int) -> list[tuple[float, float]]:
+    """Each polygon edge cut into `k` segments."""
+    out = []
+    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True):
+        out += [(x0 + (x1 - x0) * i / k, y0 + (y1 - y0) * i / k) for i in range(k)]
+    return out
+
+
+def blobby(points, cx, cy, amount: float, rng) -> list[tuple[float, float]]:
+    """Points pushed in and out from (cx, cy) by a sum of two slow angular waves of relative size `amount`."""
+    waves = [(int(rng.integers(2, 5)), rng.uniform(0, 2 * math.pi), rng.uniform(0.3, 1.0)) for _ in range(2)]
+    norm = sum(w for _, _, w in waves)
+    out = []
+    for x, y in points:
+        t = math.atan2(y - cy, x - cx)
+        scale = 1 + amount * sum(w * math.sin(k * t + p) for k, p, w in waves) / norm
+        out.append((cx + (x - cx) * scale, cy + (y - cy) * scale))
+    return out
 
 
 def junk_alpha(size: int, box, rng) -> np.ndarray:
@@ -155,7 +179,10 @@ def make_scene(rng, lines) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
         cy = (base.box[1] + base.box[3]) / 2 + dist * math.sin(t) - side / 2
         color = base.color if rng.random() < 0.5 else str(rng.choice(list(COLORS)))
         objects.append(SceneObject(str(rng.choice(SHAPES)), color, (cx, cy, cx + side, cy + side)))
-    drawn = [(o.label, shape_alpha(size, o.label, o.box, rng, True), off_color(o.color, rng)) for o in objects]
+    drawn = []
+    for o in objects:
+        alpha = shape_alpha(size, o.label, o.box, rng, True)
+        drawn.append((o.label, alpha, fill(size, o.color, o.box, rng)))
     boxes = [o.box for o in objects]
     for _ in range(int(rng.integers(0, 3))):
         box = free_box(size, rng.uniform(0.12, 0.3) * size, boxes, rng)
@@ -170,10 +197,61 @@ def make_scene(rng, lines) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
         drawn.append(("junk", np.asarray(smudge, np.float32) / 255 * rng.uniform(0.1, 0.55), tint))
     image = np.full((size, size, 3), 255.0, np.float32)
     visible = []
+    halo = rng.random() < 0.4  # a soft glow around every object, under the ink threshold; image only, not labelled
     for kind, alpha, rgb in drawn:
+        if halo and kind != "junk" or rng.random() < 0.1:
+            glow = np.asarray(
+                Image.fromarray((alpha * 255).astype(np.uint8)).filter(
+                    ImageFilter.GaussianBlur(float(rng.uniform(1.0, 3.0) * size / 64))
+                ),
+                np.float32,
+            )
+            glow = glow / 255 * rng.uniform(0.15, 0.45)
+            image = image * (1 - glow[..., None]) + rgb * glow[..., None]
         image = image * (1 - alpha[..., None]) + rgb * alpha[..., None]
         visible = [(k, a * (1 - alpha)) for k, a in visible] + [(kind, alpha)]  # later objects occlude earlier ones
+    if rng.random() < 0.25:  # a thin off-colour tail from an object's edge: part of that object's component
+        kind, alpha, _ = drawn[int(rng.integers(len(drawn)))]
+        ys, xs = np.nonzero(alpha > 0.5)
+        if len(ys):
+            i, t = int(rng.integers(len(ys))), rng.uniform(0, 2 * math.pi)
+            length = rng.uniform(0.04, 0.12) * size
+            line = [(xs[i], ys[i]), (xs[i] + length * math.cos(t), ys[i] + length * math.sin(t))]
+            box = (min(p[0] for p in line), min(p[1] for p in line), max(p[0] for p in line), max(p[1] for p in line))
+            tail = coverage(size, [("line", line, rng.uniform(0.8, 2.0) * size / 64)], box) * rng.uniform(0.4, 0.9)
+            image = image * (1 - tail[..., None]) + off_color(str(rng.choice(list(COLORS))), rng) * tail[..., None]
+    if rng.random() < 0.5:
+        image = speckle(image, size, rng)
     return degrade_image(image, size, rng), visible
+
+
+def fill(size: int, name: str, box, rng) -> np.ndarray:
+    """An object's colour: mostly flat, sometimes a linear blend into a second palette colour that covers less than
+    half of it (the dominant colour names the object)."""
+    base = off_color(name, rng)
+    if rng.random() > 0.3:
+        return base
+    other = off_color(str(rng.choice([c for c in COLORS if c != name])), rng)
+    cx, cy, half = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, max((box[2] - box[0]) / 2, 1.0)
+    t = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    proj = ((xx - cx) * math.cos(t) + (yy - cy) * math.sin(t)) / half  # -1 .. 1 across the object
+    weight = np.clip((proj - rng.uniform(0.05, 0.6)) / rng.uniform(0.2, 0.8) + 0.5, 0, 1) * rng.uniform(0.6, 1.0)
+    return base * (1 - weight[..., None]) + other * weight[..., None]
+
+
+def speckle(image: np.ndarray, size: int, rng) -> np.ndarray:
+    """Faint yellowish specks and short streaks scattered over the image, a generator's texture noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    amount = np.zeros((size, size), np.float32)
+    for _ in range(int(rng.integers(3, 30))):
+        x, y = rng.uniform(0, size, 2)
+        sx, sy = rng.uniform(0.4, 1.2, 2) * size / 64 * (np.array([rng.uniform(1, 3), 1]) if rng.random() < 0.3 else 1)
+        amount = np.maximum(
+            amount, rng.uniform(0.2, 0.7) * np.exp(-((xx - x) ** 2) / (2 * sx**2) - (yy - y) ** 2 / (2 * sy**2))
+        )
+    tint = np.array([rng.uniform(220, 255), rng.uniform(180, 235), rng.uniform(40, 160)], np.float32)
+    return image * (1 - amount[..., None]) + tint * amount[..., None]
 
 
 def degrade_image(image: np.ndarray, size: int, rng) -> np.ndarray:
