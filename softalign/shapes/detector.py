@@ -179,7 +179,8 @@ def subpixel_box(mask: np.ndarray, ink: np.ndarray, threshold: float) -> tuple[f
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
     background = float(np.median(ink))
-    full = max(float(np.percentile(ink[mask], 90)), threshold) - background
+    # an image that is mostly ink has its median near the object's ink level: keep the scale positive
+    full = max(max(float(np.percentile(ink[mask], 90)), threshold) - background, 1e-6)
     near = _dilate(mask) & ~((ink > threshold) & ~mask)
     cover = np.where(near, np.clip((ink - background) / full, 0.0, 1.0), 0.0)
     cols, rows = np.pad(cover.max(0), 1), np.pad(cover.max(1), 1)  # padded: index i + 1 is column i
