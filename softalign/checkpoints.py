@@ -99,3 +99,26 @@ def resolve_checkpoint(output_dir: str | os.PathLike, requested: str | None) -> 
     if problem is not None:
         raise ValueError(f"Refusing to resume from the damaged checkpoint {path}: {problem}.")
     return path
+
+
+def write_training_files(folder: Path, trainable, optimizers: dict, state: dict) -> None:
+    """The files every trainer checkpoint holds: `trainable.safetensors` (trained and EMA tensors), `optimizer.pt`
+    (optimiser / scheduler state dicts by name) and `trainer_state.json`."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file(trainable.state_dict(), str(folder / "trainable.safetensors"))
+    torch.save({name: obj.state_dict() for name, obj in optimizers.items()}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+
+def read_training_files(path: Path, trainable, optimizers: dict) -> dict:
+    """Restore what [`write_training_files`] wrote into `trainable` and `optimizers`; return the trainer state."""
+    import torch
+    from safetensors.torch import load_file
+
+    trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
+    saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    for name, obj in optimizers.items():
+        obj.load_state_dict(saved[name])
+    return json.loads((path / "trainer_state.json").read_text())

@@ -25,9 +25,10 @@ import torch
 from . import objectives
 from .backbones import backbone_for, context_dim_of
 from .cache import EncodingCache
-from .checkpoints import resolve_checkpoint, save_checkpoint
+from .checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
 from .config import SoftAlignConfig
 from .data import as_examples
+from .distributed import average_gradients, make_accelerator
 from .loaders import save_soft_tokens
 from .run_lock import RunLock
 from .soft_tokens import SoftTokens, SoftTokensConfig
@@ -74,17 +75,14 @@ class SoftAlignTrainer:
         callbacks=None,
         accelerator=None,
     ):
-        from accelerate import Accelerator
 
         self.pipe = pipeline
         self.backbone = backbone_for(pipeline)
         self.args = args.resolved(self.backbone.family)
-        self.accelerator = accelerator or Accelerator(
-            # with no accelerator device, `cpu=True` lets torchrun / accelerate launch form a gloo process group
-            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-            mixed_precision=self.args.mixed_precision,
-            log_with=None if self.args.report_to == "none" else self.args.report_to,
-            project_dir=self.args.output_dir,
+        self.accelerator = accelerator or make_accelerator(
+            self.args.mixed_precision,
+            self.args.output_dir,
+            None if self.args.report_to == "none" else self.args.report_to,
         )
         self.callbacks = list(callbacks or [])
         self.state = TrainerState()
@@ -260,10 +258,7 @@ class SoftAlignTrainer:
             for key, value in self._micro_step(step, micro).items():
                 totals[key] = totals.get(key, 0.0) + value / a.gradient_accumulation_steps
         params = self.trainable.parameters()
-        for p in params:  # average over processes (every rank then takes the same step)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        average_gradients(self.accelerator, params)
         loss = torch.tensor(totals["loss"], device=self.backbone.device)
         loss = float(self.accelerator.reduce(loss, reduction="mean"))
         totals["loss"] = loss
@@ -354,34 +349,25 @@ class SoftAlignTrainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        from safetensors.torch import save_file
 
         def write(folder: Path):
-            save_file(self.trainable.state_dict(), str(folder / "trainable.safetensors"))
-            torch.save(
-                {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict()},
-                folder / "optimizer.pt",
-            )
             state = {
                 "global_step": self.state.global_step,
                 "log_history": self.state.log_history,
                 "skipped_steps": self.state.skipped_steps,
                 "config": self.args.to_dict(),
             }
-            (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_training_files(folder, self.trainable, self._optimizers(), state)
 
         path = save_checkpoint(self.output_dir, self.state.global_step, write, self.args.save_total_limit)
         self._callback("on_save", path)
         return path
 
-    def _load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
+    def _optimizers(self) -> dict:
+        return {"optimizer": self.optimizer, "lr_scheduler": self.lr_scheduler}
 
-        self.trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
-        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optim["optimizer"])
-        self.lr_scheduler.load_state_dict(optim["lr_scheduler"])
-        state = json.loads((path / "trainer_state.json").read_text())
+    def _load_checkpoint(self, path: Path) -> None:
+        state = read_training_files(path, self.trainable, self._optimizers())
         self.state = TrainerState(state["global_step"], state["log_history"], state.get("skipped_steps", 0))
 
     # -- outputs --------------------------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import copy
-import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +21,8 @@ import numpy as np
 import torch
 
 from ..backbones import backbone_for
-from ..checkpoints import resolve_checkpoint, save_checkpoint
+from ..checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
+from ..distributed import average_gradients, make_accelerator
 from ..run_lock import RunLock
 from ..trainable import TrainableState
 from .ddpo_config import DDPOConfig
@@ -59,19 +58,13 @@ class DDPOTrainer:
         image_samples_hook=None,
         accelerator=None,
     ):
-        from accelerate import Accelerator
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
         self.config = config
         self.reward_function, self.prompt_function = reward_function, prompt_function
         self.pipe = pipeline
         self.backbone = backbone_for(pipeline)
-        self.accelerator = accelerator or Accelerator(
-            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-            mixed_precision=config.mixed_precision,
-            log_with=config.log_with,
-            project_dir=config.output_dir,
-        )
+        self.accelerator = accelerator or make_accelerator(config.mixed_precision, config.output_dir, config.log_with)
         if soft_tokens is None and peft_config is None:
             raise ValueError("DDPOTrainer needs parameters to train: soft_tokens and/or peft_config.")
         self.backbone.denoiser.requires_grad_(False)
@@ -270,10 +263,7 @@ class DDPOTrainer:
     def _optimizer_step(self, params) -> None:
         if self.alongside is not None and self.config.alongside_weight > 0:
             self.alongside._micro_step(self.global_step, 0, loss_scale=self.config.alongside_weight)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        average_gradients(self.accelerator, params)
         torch.nn.utils.clip_grad_norm_(params, self.config.train_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -333,10 +323,6 @@ class DDPOTrainer:
         from safetensors.torch import save_file
 
         def write(folder: Path):
-            save_file(self.trainable.state_dict(), str(folder / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict()}, folder / "optimizer.pt")
-            if self.alongside is not None:
-                save_file(self.alongside.trainable.state_dict(), str(folder / "alongside.safetensors"))
             state = {
                 "epoch": self.epoch,
                 "global_step": self.global_step,
@@ -344,18 +330,18 @@ class DDPOTrainer:
                 "stat_tracker": self.stat_tracker.state_dict(),
                 "config": self.config.to_dict(),
             }
-            (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_training_files(folder, self.trainable, {"optimizer": self.optimizer}, state)
+            if self.alongside is not None:
+                save_file(self.alongside.trainable.state_dict(), str(folder / "alongside.safetensors"))
 
         return save_checkpoint(self.output_dir, self.epoch, write, self.config.num_checkpoint_limit)
 
     def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        self.trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True)["optimizer"])
+        state = read_training_files(path, self.trainable, {"optimizer": self.optimizer})
         if self.alongside is not None and (path / "alongside.safetensors").is_file():
             self.alongside.trainable.load_state_dict(load_file(str(path / "alongside.safetensors")))
-        state = json.loads((path / "trainer_state.json").read_text())
         self.epoch, self.global_step, self.log_history = state["epoch"], state["global_step"], state["log_history"]
         self.stat_tracker.load_state_dict(state["stat_tracker"])
 
@@ -367,4 +353,4 @@ def _merge(samples: list[dict]) -> dict:
         for side in ("cond", "uncond")
     }
     merged["prompts"] = [p for s in samples for p in s["prompts"]]
-    return copy.copy(merged)
+    return merged

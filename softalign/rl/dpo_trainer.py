@@ -8,7 +8,6 @@ frozen snapshot), so no second copy of the denoiser exists and the loss is ln 2 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +16,9 @@ import torch
 
 from .. import __version__, objectives
 from ..backbones import backbone_for
-from ..checkpoints import resolve_checkpoint, save_checkpoint
+from ..checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
 from ..data import check_caption, iterable_examples, preprocess
+from ..distributed import average_gradients, make_accelerator
 from ..run_lock import RunLock
 from ..trainable import TrainableState
 
@@ -102,15 +102,9 @@ class DiffusionDPOTrainer:
         alongside=None,
         accelerator=None,
     ):
-        from accelerate import Accelerator
-
         self.args, self.pipe = args, pipeline
         self.backbone = backbone_for(pipeline)
-        self.accelerator = accelerator or Accelerator(
-            cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
-            mixed_precision=args.mixed_precision,
-            project_dir=args.output_dir,
-        )
+        self.accelerator = accelerator or make_accelerator(args.mixed_precision, args.output_dir)
         if soft_tokens is None and peft_config is None:
             raise ValueError("DiffusionDPOTrainer needs parameters to train: soft_tokens and/or peft_config.")
         if args.alongside_weight > 0 and alongside is None:
@@ -204,10 +198,7 @@ class DiffusionDPOTrainer:
                         logs[key] += value / a.gradient_accumulation_steps
                 if self.alongside is not None and a.alongside_weight > 0:
                     self.alongside._micro_step(self.global_step, 0, loss_scale=a.alongside_weight)
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+                average_gradients(self.accelerator, params)
                 torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -225,20 +216,13 @@ class DiffusionDPOTrainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        from safetensors.torch import save_file
 
         def write(folder: Path):
-            save_file(self.trainable.state_dict(), str(folder / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict()}, folder / "optimizer.pt")
             state = {"global_step": self.global_step, "log_history": self.log_history, "config": asdict(self.args)}
-            (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_training_files(folder, self.trainable, {"optimizer": self.optimizer}, state)
 
         return save_checkpoint(self.output_dir, self.global_step, write, self.args.save_total_limit)
 
     def _load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.trainable.load_state_dict(load_file(str(path / "trainable.safetensors")))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True)["optimizer"])
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_training_files(path, self.trainable, {"optimizer": self.optimizer})
         self.global_step, self.log_history = state["global_step"], state["log_history"]
