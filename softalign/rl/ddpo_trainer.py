@@ -93,6 +93,7 @@ class DDPOTrainer:
         self.epoch, self.global_step, self.log_history = 0, 0, []
         self.output_dir = Path(config.output_dir)
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
+        self._negative = None  # encoded negative prompt, (1, ...) per conditioning tensor
 
     # -- randomness ---------------------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
@@ -104,7 +105,9 @@ class DDPOTrainer:
     # -- sampling -----------------------------------------------------------------------------------------------
     def _conditioning(self, prompts) -> dict:
         cond = self.backbone.encode_prompts(list(prompts))
-        uncond = self.backbone.encode_prompts([self.config.negative_prompts] * len(prompts))
+        if self._negative is None:  # the negative prompt never changes: encode it once per run
+            self._negative = self.backbone.encode_prompts([self.config.negative_prompts])
+        uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in self._negative.items()}
         return {"cond": cond, "uncond": uncond}
 
     def _predict(self, latents, timesteps, conditioning, guidance: bool):
