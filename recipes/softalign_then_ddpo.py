@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import sys
 import time
@@ -44,7 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--stage2-epochs", type=int, default=8)
     parser.add_argument("--eval-images-per-prompt", type=int, default=4)
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--guidance-scale", type=float, default=5.0)
+    parser.add_argument(
+        "--guidance-scale", type=float, default=1.5, help="CFG of every evaluation and of DDPO sampling (shapes: 1.5)."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-base-eval", action="store_true", help="Reuse <out>/eval-base if present.")
@@ -102,6 +103,7 @@ def evaluate(pipe, args, name: str, detector) -> dict:
 
 def stage2(pipe, args, tokens, stage1_trainer, detector):
     from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer, GenEvalReward
+    from softalign.shapes.data import sample_metadata
     from softalign.shapes.prompts import split_prompts
 
     lines = split_prompts("train")
@@ -112,10 +114,10 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
         peft = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     out = Path(args.out) / "stage2"
     if args.stage2 == "ddpo":
-        rng = random.Random(args.seed)
+        rng = np.random.default_rng(args.seed)
 
-        def prompt_fn():
-            line = lines[rng.randrange(len(lines))]
+        def prompt_fn():  # a tag uniformly, then one of its prompts: color_attr has 17x the prompts of counting
+            line = sample_metadata(rng, lines)
             return line["prompt"], line
 
         config = DDPOConfig(

@@ -32,6 +32,44 @@ def test_two_processes_end_with_identical_tokens(tmp_path):
     assert not torch.equal(single, torch.zeros_like(single))
 
 
+def _rl_ranks_identical(kind: str, port: str, tmp_path: Path) -> None:
+    """Train `kind` on 2 processes (two_process_rl.py); both ranks must hold the same, trained, parameters."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(HERE / "two_process_rl.py"),
+        kind,
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    initial = [load_file(tmp_path / f"{kind}-init-rank{r}.safetensors") for r in (0, 1)]
+    final = [load_file(tmp_path / f"{kind}-rank{r}.safetensors") for r in (0, 1)]
+    keys = set(final[0])
+    assert keys == set(final[1]) == set(initial[0]) == set(initial[1])
+    assert "soft_tokens.tokens" in keys and any(k.startswith("lora.") and "lora_B" in k for k in keys), sorted(keys)
+    for name in sorted(keys):
+        assert torch.equal(initial[0][name], initial[1][name]), f"{name} differs between ranks before training"
+        assert torch.equal(final[0][name], final[1][name]), f"{name} differs between ranks after training"
+    assert not torch.equal(final[0]["soft_tokens.tokens"], initial[0]["soft_tokens.tokens"])
+    lora_b = [k for k in keys if k.startswith("lora.") and "lora_B" in k]
+    assert all(not torch.equal(final[0][k], initial[0][k]) for k in lora_b), "a LoRA B matrix did not train"
+
+
+def test_two_process_ddpo_ranks_identical(tmp_path):
+    _rl_ranks_identical("ddpo", "29541", tmp_path)
+
+
+def test_two_process_diffusion_dpo_ranks_identical(tmp_path):
+    _rl_ranks_identical("dpo", "29542", tmp_path)
+
+
 def test_cli_train_writes_config_checkpoint_and_adapter(tmp_path):
     from shapes_data import shapes_pairs
 

@@ -138,3 +138,15 @@ def test_bad_preference_rows_are_named(tmp_path):
             [{"caption": " ", "chosen": Image.new("RGB", (8, 8)), "rejected": Image.new("RGB", (8, 8))}],
             soft_tokens=tokens_for(pipe, "sd15"),
         )
+
+
+def test_fewer_pairs_than_one_batch_is_named(tmp_path):
+    pipe = tiny_pipeline("sd15")
+    trainer = DiffusionDPOTrainer(
+        pipe,
+        DiffusionDPOConfig(output_dir=str(tmp_path), train_batch_size=4, max_steps=1),
+        preferences(3),
+        soft_tokens=tokens_for(pipe, "sd15"),
+    )
+    with pytest.raises(ValueError, match=r"3 preference pairs, fewer than one batch \(4 per process x 1 processes\)"):
+        trainer.train()

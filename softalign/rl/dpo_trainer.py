@@ -123,6 +123,12 @@ class DiffusionDPOTrainer:
 
     def prepare_data(self) -> dict:
         """Encode every image (posterior mean and std) and caption once."""
+        per_step = self.args.train_batch_size * self.accelerator.num_processes
+        if len(self.examples) < per_step:  # a rank would otherwise get an empty batch
+            raise ValueError(
+                f"{len(self.examples)} preference pairs, fewer than one batch ({self.args.train_batch_size} per "
+                f"process x {self.accelerator.num_processes} processes)."
+            )
         side = self.args.resolution or self.backbone.denoiser.config.sample_size * self.pipe.vae_scale_factor
         moments = {}
         for key in ("chosen", "rejected"):
