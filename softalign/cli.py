@@ -65,7 +65,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval.metadata import load_metadata
     from .eval.run import run_evaluation
     from .eval.summary import format_summary
-    from .loaders import load_soft_tokens
+    from .loaders import load_lora, load_soft_tokens
     from .shapes.detector import ShapesDetector
     from .shapes.prompts import evaluation_metadata
 
@@ -73,6 +73,8 @@ def _eval(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model)
     if args.soft_tokens:
         load_soft_tokens(pipe, args.soft_tokens)
+    if args.lora:
+        load_lora(pipe, args.lora)
     if args.metadata:
         plan = [(line, args.images_per_prompt or 4) for line in load_metadata(args.metadata)]
     elif args.images_per_prompt:
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="Generate and score images with GenEval's rules (shapes world).")
     evaluate.add_argument("--model", required=True, help="Local diffusers pipeline directory.")
     evaluate.add_argument("--soft-tokens", help="Soft-token adapter directory to load first.")
+    evaluate.add_argument("--lora", help="A LoRA directory a softalign trainer wrote (`<run>/lora/<name>/`).")
     evaluate.add_argument("--metadata", help="GenEval metadata .jsonl (default: the shapes world's split).")
     evaluate.add_argument("--split", default="heldout", choices=["heldout", "train"], help="Shapes-world split.")
     evaluate.add_argument("--images-per-prompt", type=int, default=0, help="Images per prompt (default: 300 per tag).")

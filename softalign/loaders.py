@@ -135,3 +135,22 @@ def _soft_tokens_from(obj) -> SoftTokens:
     if injection is None:
         raise ValueError(f"Expected SoftTokens, a SoftTokenInjection or a pipeline carrying soft tokens, got {obj!r}.")
     return injection.soft_tokens
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `save_lora_adapter` writes
+
+
+def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "softalign") -> str:
+    """Load a LoRA written by a softalign trainer (`<run>/lora/<name>/`) into the pipeline's denoiser and make it the
+    active adapter; returns its name. Fails with the path when the directory holds no adapter weights."""
+    from .backbones import denoiser_of
+
+    path = Path(path)
+    if not (path / LORA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} holds no LoRA adapter: expected {LORA_WEIGHTS} (from save_lora_adapter).")
+    denoiser = denoiser_of(pipe)
+    denoiser.load_lora_adapter(
+        str(path), adapter_name=adapter_name, prefix=None, weight_name=LORA_WEIGHTS, use_safetensors=True
+    )
+    denoiser.set_adapter(adapter_name)
+    return adapter_name

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+from .atomic import atomic_directory
 from .backbones import denoiser_of
 from .injection import SoftTokenInjection, attach_soft_tokens, injection_of
+from .loaders import save_soft_tokens
 from .soft_tokens import SoftTokens
 
 POS, NEG = "softalign_pos", "softalign_neg"
@@ -80,6 +83,17 @@ class TrainableState:
         for name in self.ema_adapters.values():
             for p in self.lora_parameters(name):
                 p.requires_grad_(False)
+
+    def save(self, target) -> Path:
+        """Write the trained parameters: the soft tokens to `target` (the adapter format) and each LoRA adapter to
+        `<target's parent>/lora/<name>/` (diffusers' `save_lora_adapter` layout, loaded back by [`load_lora`])."""
+        target = Path(target)
+        if self.soft_tokens is not None:
+            save_soft_tokens(self.soft_tokens, target)
+        for name in self.adapters:
+            with atomic_directory(target.parent / "lora" / name) as staging:
+                self.denoiser.save_lora_adapter(str(staging), adapter_name=name)
+        return target
 
     # -- forward over a pair grid -------------------------------------------------------------------------------
     def forward(self, predict, banks: torch.Tensor, ema: bool = False):

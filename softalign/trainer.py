@@ -29,7 +29,6 @@ from .checkpoints import read_training_files, resolve_checkpoint, save_checkpoin
 from .config import SoftAlignConfig
 from .data import as_examples
 from .distributed import average_gradients, make_accelerator
-from .loaders import save_soft_tokens
 from .run_lock import RunLock
 from .soft_tokens import SoftTokens, SoftTokensConfig
 from .trainable import TrainableState
@@ -376,10 +375,7 @@ class SoftAlignTrainer:
         target = Path(output_dir) if output_dir is not None else self.output_dir / "adapter"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            if self.soft_tokens is not None:
-                save_soft_tokens(self.soft_tokens, target)
-            for name in self.trainable.adapters:
-                self.backbone.denoiser.save_lora_adapter(str(target.parent / "lora" / name), adapter_name=name)
+            self.trainable.save(target)
             self.args.save(target.parent / "softalign_config.json")
         return target
 

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
@@ -123,6 +125,14 @@ def test_ddpo_and_dpo_recipes(tmp_path):
         )
         == 0
     )
+    counting = tmp_path / "ddpo-counting"
+    flags = ["--model", model, "--out", str(counting), "--tags", "counting", "--train-lora", "--epochs", "1"]
+    flags += ["--sample-steps", "2", "--batch-size", "2", "--train-batch-size", "1", "--guidance-scale", "1.5"]
+    assert load("ddpo").main(flags) == 0
+    assert (counting / "adapter" / "adapter_model.safetensors").is_file()
+    assert (counting / "lora" / "softalign" / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(SystemExit):
+        load("ddpo").main(["--model", model, "--tags", "counting,shapes"])
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     Image.new("RGB", (32, 32), "red").save(pairs / "a.png")

@@ -182,3 +182,31 @@ def test_image_hook_runs_without_a_tracker_and_stat_tracking(tmp_path):
     advantages = tracker.update(["a", "a", "b"], [1.0, 3.0, 5.0])
     assert advantages[:2].tolist() == pytest.approx([-1.0, 1.0], abs=1e-5)  # "a": its own mean 2, std 1
     assert advantages[2] == pytest.approx((5 - 3) / (1.632993 + 1e-6), rel=1e-4)  # "b": too few, batch stats
+
+
+def test_save_model_then_load_reproduces_the_trained_pipeline(tmp_path):
+    from softalign.loaders import load_lora, load_soft_tokens
+
+    pipe = tiny_pipeline("sd15")
+    trainer = DDPOTrainer(
+        config(tmp_path, num_epochs=1),
+        brightness,
+        Prompts(),
+        pipe,
+        soft_tokens=tokens_for(pipe, "sd15"),
+        peft_config=lora(),
+    )
+    trainer.train()
+    adapter = trainer.save_model()
+    assert adapter == tmp_path / "ddpo" / "adapter"
+    fresh = tiny_pipeline("sd15")
+    load_soft_tokens(fresh, adapter)
+    load_lora(fresh, tmp_path / "ddpo" / "lora" / "softalign")
+    kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
+    trained = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    loaded = fresh("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert torch.equal(trained, loaded)
+    untouched = tiny_pipeline("sd15")("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert not torch.equal(untouched, loaded)
+    with pytest.raises(FileNotFoundError, match="holds no LoRA adapter: expected pytorch_lora_weights.safetensors"):
+        load_lora(fresh, tmp_path)
