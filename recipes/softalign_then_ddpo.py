@@ -2,13 +2,13 @@
 
     python recipes/softalign_then_ddpo.py                                  # shipped shapes model, offline, CPU
     python recipes/softalign_then_ddpo.py --objective softrepa --out runs/flagship-softrepa
-    python recipes/softalign_then_ddpo.py --stage2 diffusion_dpo --alongside 0.5 --train-lora
+    python recipes/softalign_then_ddpo.py --stage2 diffusion_dpo --alongside 0.5 --no-train-lora
     python recipes/softalign_then_ddpo.py --model path/to/sd15 --data data/coco-train --stage2 none
     accelerate launch --num_processes 2 recipes/softalign_then_ddpo.py --stage1-steps 200
 
 Stages: evaluate the base model on the held-out shapes split; stage 1, SoftAlign (AGSM by default) on shapes-world
 image-caption pairs (or `--data`); evaluate; stage 2, DDPO with the GenEval-rule reward (or Diffusion-DPO, or
-nothing) on the same soft tokens (and a LoRA with `--train-lora`); evaluate. The report directory holds `report.md`
+nothing) on the same soft tokens and a rank-4 LoRA (`--no-train-lora`: tokens only); evaluate. The report directory holds `report.md`
 (per-tag table with changes), `report.json`, the verdict grids of every evaluation (same prompts and seeds),
 `curves.png`, and the adapters.
 """
@@ -37,11 +37,21 @@ def parse_args(argv=None):
     parser.add_argument("--objective", default="agsm", choices=["agsm", "softrepa"])
     parser.add_argument("--stage2", default="ddpo", choices=["ddpo", "diffusion_dpo", "none"])
     parser.add_argument("--alongside", type=float, default=0.0, help="Weight of the stage-1 objective in stage 2.")
-    parser.add_argument("--train-lora", action="store_true", help="Stage 2 also trains a LoRA (rank 4).")
+    parser.add_argument(
+        "--train-lora",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Stage 2 also trains a LoRA (rank 4) beside the tokens; DDPO on the 4 tokens alone barely moves counting.",
+    )
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--stage1-images", type=int, default=512, help="Shapes renders for stage 1.")
     parser.add_argument("--stage2-epochs", type=int, default=8)
     parser.add_argument("--eval-images-per-prompt", type=int, default=4)
+    parser.add_argument(
+        "--eval-images-per-tag", type=int, help="At least this many images per tag (overrides the per-prompt count)."
+    )
+    parser.add_argument("--stage2-tags", help="Comma-separated shapes tags DDPO samples prompts from (default: all).")
+    parser.add_argument("--stage2-lr", type=float, default=3e-3, help="DDPO learning rate.")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument(
         "--guidance-scale", type=float, default=1.5, help="CFG of every evaluation and of DDPO sampling (shapes: 1.5)."
@@ -65,6 +75,11 @@ def parse_args(argv=None):
         for key, value in data.items():
             if getattr(args, key) == getattr(defaults, key):  # the command line wins
                 setattr(args, key, value)
+    if args.stage2_tags:
+        from softalign.shapes.vocabulary import TAGS
+
+        if unknown := set(args.stage2_tags.split(",")) - set(TAGS):
+            parser.error(f"--stage2-tags: unknown {sorted(unknown)}; the shapes tags are {list(TAGS)}")
     return args
 
 
@@ -86,7 +101,10 @@ def evaluate(pipe, args, name: str, detector) -> dict:
     from softalign.eval.run import run_evaluation
     from softalign.shapes.prompts import evaluation_metadata
 
-    plan = [(line, args.eval_images_per_prompt) for line, _ in evaluation_metadata("heldout")]
+    if args.eval_images_per_tag:
+        plan = evaluation_metadata("heldout", min_images_per_tag=args.eval_images_per_tag)
+    else:
+        plan = [(line, args.eval_images_per_prompt) for line, _ in evaluation_metadata("heldout")]
     out = Path(args.out) / f"eval-{name}"
     print(f"\n== evaluating {name}: {sum(n for _, n in plan)} images on the held-out split", flush=True)
     return run_evaluation(
@@ -107,6 +125,8 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
     from softalign.shapes.prompts import split_prompts
 
     lines = split_prompts("train")
+    if args.stage2_tags:
+        lines = [line for line in lines if line["tag"] in args.stage2_tags.split(",")]
     peft = None
     if args.train_lora:
         from peft import LoraConfig
@@ -115,9 +135,10 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
     out = Path(args.out) / "stage2"
     if args.stage2 == "ddpo":
         rng = np.random.default_rng(args.seed)
+        tags = sorted({line["tag"] for line in lines})
 
         def prompt_fn():  # a tag uniformly, then one of its prompts: color_attr has 17x the prompts of counting
-            line = sample_metadata(rng, lines)
+            line = sample_metadata(rng, lines, tags=tags)
             return line["prompt"], line
 
         config = DDPOConfig(
@@ -126,11 +147,12 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
             sample_num_steps=args.sample_steps,
             sample_batch_size=16,
             sample_num_batches_per_epoch=2,
-            train_batch_size=16,
+            train_batch_size=4,
             sample_guidance_scale=args.guidance_scale,
-            train_learning_rate=3e-3,
+            train_learning_rate=args.stage2_lr,
             train_timestep_fraction=0.5,
-            per_prompt_stat_tracking=False,
+            per_prompt_stat_tracking=True,
+            per_prompt_stat_tracking_min_count=8,
             seed=args.seed,
             alongside_weight=args.alongside,
         )
@@ -180,36 +202,13 @@ def preference_pairs(pipe, args, lines, detector) -> list[dict]:
     return pairs
 
 
-def plot_curves(curves: dict, path: Path) -> None:
-    """Training curves as a small PNG (PIL only): one panel per stage, value against step."""
-    from PIL import Image, ImageDraw
-
-    panels = [(name, points) for name, points in curves.items() if points]
-    width, height = 360, 220
-    canvas = Image.new("RGB", (width * max(1, len(panels)), height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for p, (name, points) in enumerate(panels):
-        x0, y0, w, h = p * width + 40, 30, width - 60, height - 70
-        xs, ys = [pt["step"] for pt in points], [pt["value"] for pt in points]
-        lo, hi = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1e-9
-        draw.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        draw.text((x0, 8), name, fill="black")
-        draw.text((x0 - 35, y0), f"{hi:.3g}", fill="black")
-        draw.text((x0 - 35, y0 + h - 10), f"{lo:.3g}", fill="black")
-        draw.text((x0, y0 + h + 5), f"step {min(xs)}..{max(xs)}", fill="black")
-        span = max(xs) - min(xs) or 1
-        line = [(x0 + w * (x - min(xs)) / span, y0 + h - h * (y - lo) / (hi - lo)) for x, y in zip(xs, ys, strict=True)]
-        if len(line) > 1:
-            draw.line(line, fill="blue", width=2)
-    canvas.save(path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from softalign import SoftAlignConfig, SoftAlignTrainer, save_soft_tokens
     from softalign.backbones import denoiser_of
     from softalign.cli import load_pipeline
+    from softalign.curves import plot_curves
     from softalign.eval.report import compare
     from softalign.shapes.detector import ShapesDetector
 
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
         print(f"\n== stage 2: {args.stage2} on the same soft tokens", flush=True)
         trainer, points, label = stage2(pipe, args, tokens, stage1, detector)
         curves[f"stage 2 {label}"] = points
-        save_soft_tokens(tokens, out / "adapter-stage2")
+        trainer.save_model(out / "adapter-stage2")  # and <out>/lora/softalign with --train-lora
         summaries["stage2"] = evaluate(pipe, args, "stage2", detector)
     plot_curves(curves, out / "curves.png")
     table = compare(summaries)
