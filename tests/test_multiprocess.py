@@ -9,21 +9,16 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 
 
-def test_two_processes_end_with_identical_tokens(tmp_path):
+def torchrun(script: str, port: str, *args: str) -> None:
+    """Run a test script on 2 CPU processes (gloo) and fail with its stderr when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        str(HERE / "two_process_train.py"),
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    result = subprocess.run([*command, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_end_with_identical_tokens(tmp_path):
+    torchrun("two_process_train.py", "29533", str(tmp_path))
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     assert set(ranks[0]) == set(ranks[1])
     for name in ranks[0]:
@@ -34,21 +29,7 @@ def test_two_processes_end_with_identical_tokens(tmp_path):
 
 def _rl_ranks_identical(kind: str, port: str, tmp_path: Path) -> None:
     """Train `kind` on 2 processes (two_process_rl.py); both ranks must hold the same, trained, parameters."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        str(HERE / "two_process_rl.py"),
-        kind,
-        str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun("two_process_rl.py", port, kind, str(tmp_path))
     initial = [load_file(tmp_path / f"{kind}-init-rank{r}.safetensors") for r in (0, 1)]
     final = [load_file(tmp_path / f"{kind}-rank{r}.safetensors") for r in (0, 1)]
     keys = set(final[0])

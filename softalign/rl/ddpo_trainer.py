@@ -12,7 +12,6 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +27,11 @@ from ..run_lock import RunLock
 from ..trainable import TrainableState
 from .ddpo_config import DDPOConfig
 from .samplers import ddim_step_with_logprob, flow_sde_step_with_logprob
+from .save_model import SaveModelMixin
 from .stat_tracking import PerPromptStatTracker
 
 
-class DDPOTrainer:
+class DDPOTrainer(SaveModelMixin):
     """DDPO on the parameters a SoftAlign stage trains.
 
     Args:
@@ -318,16 +318,6 @@ class DDPOTrainer:
                 if self.epoch % c.save_freq == 0 or self.epoch == last:
                     self.save_checkpoint()
         return self.log_history
-
-    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
-        """Write the trained parameters: soft tokens to `output_dir` (default `<output_dir>/adapter`) in the adapter
-        format, the LoRA (when trained) to `<its parent>/lora/softalign/`; load them with `load_soft_tokens` and
-        `load_lora`."""
-        target = Path(output_dir) if output_dir is not None else self.output_dir / "adapter"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.trainable.save(target)
-        return target
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self):

@@ -8,7 +8,6 @@ frozen snapshot), so no second copy of the denoiser exists and the loss is ln 2 
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..data import check_caption, iterable_examples, preprocess
 from ..distributed import average_gradients, make_accelerator
 from ..run_lock import RunLock
 from ..trainable import TrainableState
+from .save_model import SaveModelMixin
 
 
 @dataclass
@@ -82,7 +82,7 @@ def preference_examples(data) -> list[dict]:
     return examples
 
 
-class DiffusionDPOTrainer:
+class DiffusionDPOTrainer(SaveModelMixin):
     """Diffusion-DPO on the parameters a SoftAlign stage trains (pass the same `soft_tokens` / pipeline on).
 
     Args:
@@ -218,16 +218,6 @@ class DiffusionDPOTrainer:
                     self.save_checkpoint()
             bar.close()
         return self.log_history
-
-    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
-        """Write the trained parameters: soft tokens to `output_dir` (default `<output_dir>/adapter`) in the adapter
-        format, the LoRA (when trained) to `<its parent>/lora/softalign/`; load them with `load_soft_tokens` and
-        `load_lora`."""
-        target = Path(output_dir) if output_dir is not None else self.output_dir / "adapter"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            self.trainable.save(target)
-        return target
 
     def save_checkpoint(self):
         self.accelerator.wait_for_everyone()
