@@ -209,19 +209,30 @@ def main(argv=None) -> int:
     from softalign.backbones import denoiser_of
     from softalign.cli import load_pipeline
     from softalign.curves import plot_curves
+    from softalign.distributed import make_accelerator
     from softalign.eval.report import compare
     from softalign.shapes.detector import ShapesDetector
 
     started = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Under `accelerate launch` / torchrun the trainers share this process group; the evaluations and the report are
+    # the main process's job (the others wait), so no file is written twice. It is made before anything else touches
+    # accelerate's state, so that on CPU the gloo group is formed.
+    accelerator = make_accelerator("no", str(out))
     pipe = load_pipeline(args.model)
     detector = ShapesDetector.load()
+
+    def evaluate_once(name: str) -> dict | None:
+        summary = evaluate(pipe, args, name, detector) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        return summary
+
     summaries = {}
     if args.skip_base_eval and (out / "eval-base" / "summary.json").is_file():
         summaries["base"] = json.loads((out / "eval-base" / "summary.json").read_text())
     else:
-        summaries["base"] = evaluate(pipe, args, "base", detector)
+        summaries["base"] = evaluate_once("base")
 
     print(f"\n== stage 1: {args.objective} soft tokens, {args.stage1_steps} steps", flush=True)
     data = args.data or shapes_pairs(args.stage1_images, args.seed)
@@ -240,8 +251,9 @@ def main(argv=None) -> int:
     stage1 = SoftAlignTrainer(pipe, stage1_config, data)
     stage1.train()
     tokens = stage1.soft_tokens
-    save_soft_tokens(tokens, out / "adapter-stage1")
-    summaries["stage1"] = evaluate(pipe, args, "stage1", detector)
+    if accelerator.is_main_process:
+        save_soft_tokens(tokens, out / "adapter-stage1")
+    summaries["stage1"] = evaluate_once("stage1")
     curves = {
         f"stage 1 {args.objective} loss": [{"step": r["step"], "value": r["loss"]} for r in stage1.state.log_history]
     }
@@ -250,15 +262,21 @@ def main(argv=None) -> int:
         trainer, points, label = stage2(pipe, args, tokens, stage1, detector)
         curves[f"stage 2 {label}"] = points
         trainer.save_model(out / "adapter-stage2")  # and <out>/lora/softalign with --train-lora
-        summaries["stage2"] = evaluate(pipe, args, "stage2", detector)
+        summaries["stage2"] = evaluate_once("stage2")
+    if not accelerator.is_main_process:
+        return 0
     plot_curves(curves, out / "curves.png")
     table = compare(summaries)
     minutes = (time.time() - started) / 60
+    if args.eval_images_per_tag:
+        images_per = f"at least {args.eval_images_per_tag} images per tag"
+    else:
+        images_per = f"{args.eval_images_per_prompt} images per prompt"
     report = [
         f"# softalign flagship: {args.objective} then {args.stage2}",
         "",
         f"Model: `{args.model}`; "
-        f"held-out shapes split, {args.eval_images_per_prompt} images per prompt, seed 1234, "
+        f"held-out shapes split, {images_per}, seed 1234, "
         f"{args.sample_steps} steps, CFG {args.guidance_scale}; {minutes:.1f} minutes.",
         "",
         table,

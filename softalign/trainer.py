@@ -323,7 +323,10 @@ class SoftAlignTrainer:
                     self.save_checkpoint()
                 self._callback("on_step_end", record)  # may set trainer.should_stop
             progress.close()
-            self.accelerator.end_training()
+            # Not `accelerator.end_training()`: it destroys the process group, and the next trainer of a chain
+            # (SoftAlign -> DDPO -> ...) runs in the same processes.
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
             self._callback("on_train_end")
         return self.state
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from safetensors.torch import load_file
 HERE = Path(__file__).resolve().parent
 
 
-def torchrun(script: str, port: str, *args: str) -> None:
-    """Run a test script on 2 CPU processes (gloo) and fail with its stderr when it fails."""
+def torchrun(script: str | Path, port: str, *args: str) -> None:
+    """Run a script (a name in tests/, or a path) on 2 CPU processes (gloo) and fail with its stderr when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     result = subprocess.run([*command, str(HERE / script), *args], env=env, capture_output=True, text=True, timeout=600)
@@ -90,3 +91,21 @@ def test_cli_train_writes_config_checkpoint_and_adapter(tmp_path):
     saved = json.loads((run / "softalign_config.json").read_text())
     assert saved["objective"] == "softrepa" and saved["max_steps"] == 2  # the flag overrides the file
     assert main(["train", "--model", str(tmp_path / "model"), "--data", str(data), "--train-batch-size", "3"]) == 2
+
+
+def test_flagship_recipe_on_two_processes(tmp_path):
+    """`accelerate launch` / torchrun: both ranks train, only the main one evaluates and writes the report."""
+    from softalign.testing import tiny_pipeline
+
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "model")
+    flags = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "run"), "--stage1-steps", "2"]
+    flags += ["--stage1-images", "32", "--stage2-epochs", "1", "--eval-images-per-prompt", "1"]
+    flags += ["--sample-steps", "2", "--threads", "1"]
+    torchrun(HERE.parent / "recipes" / "softalign_then_ddpo.py", "29543", *flags)
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["summaries"]) == {"base", "stage1", "stage2"}
+    assert (run / "adapter-stage2" / "adapter_model.safetensors").is_file()
+    assert (run / "lora" / "softalign" / "pytorch_lora_weights.safetensors").is_file()
+    for stage in ("base", "stage1", "stage2"):  # one row per held-out prompt (1 image each), written once
+        assert len((run / f"eval-{stage}" / "results.jsonl").read_text().splitlines()) == 111
