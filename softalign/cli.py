@@ -81,6 +81,11 @@ def _eval(args: argparse.Namespace) -> int:
         plan = [(line, args.images_per_prompt) for line, _ in evaluation_metadata(args.split)]
     else:
         plan = evaluation_metadata(args.split, min_images_per_tag=args.min_images_per_tag)
+    if args.tags:
+        wanted = set(args.tags.split(","))
+        plan = [(line, n) for line, n in plan if line["tag"] in wanted]
+        if not plan:
+            raise SystemExit(f"--tags {args.tags}: no metadata line has these tags.")
     summary = run_evaluation(
         pipe,
         plan,
@@ -149,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lora", help="A LoRA directory a softalign trainer wrote (`<run>/lora/<name>/`).")
     evaluate.add_argument("--metadata", help="GenEval metadata .jsonl (default: the shapes world's split).")
     evaluate.add_argument("--split", default="heldout", choices=["heldout", "train"], help="Shapes-world split.")
+    evaluate.add_argument("--tags", help="Comma-separated tags to keep, e.g. counting (default: every tag).")
     evaluate.add_argument("--images-per-prompt", type=int, default=0, help="Images per prompt (default: 300 per tag).")
     evaluate.add_argument("--min-images-per-tag", type=int, default=300, help="Images per tag when not per prompt.")
     evaluate.add_argument("--seed", type=int, default=42)

@@ -98,3 +98,20 @@ def test_save_grid_errors(tmp_path):
         save_grid([image], ["a"], tmp_path / "g.png", columns=0)
     with pytest.raises(ValueError, match="cannot tell the image format"):
         save_grid([image], ["a"], tmp_path / "g.unknown")
+
+
+def test_cli_eval_keeps_only_the_asked_tags(tmp_path):
+    import json
+
+    import pytest
+
+    from softalign.cli import main
+    from softalign.testing import tiny_pipeline
+
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "model")
+    flags = ["eval", "--model", str(tmp_path / "model"), "--images-per-prompt", "1", "--steps", "2", "--threads", "1"]
+    assert main([*flags, "--tags", "counting", "--out", str(tmp_path / "run")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and {row["tag"] for row in rows} == {"counting"}  # the 3 held-out counting prompts
+    with pytest.raises(SystemExit, match="--tags shapes: no metadata line has these tags"):
+        main([*flags, "--tags", "shapes", "--out", str(tmp_path / "none")])
