@@ -8,9 +8,9 @@
 
 Stages: evaluate the base model on the held-out shapes split; stage 1, SoftAlign (AGSM by default) on shapes-world
 image-caption pairs (or `--data`); evaluate; stage 2, DDPO with the GenEval-rule reward (or Diffusion-DPO, or
-nothing) on the same soft tokens and a rank-4 LoRA (`--no-train-lora`: tokens only); evaluate. The report directory holds `report.md`
-(per-tag table with changes), `report.json`, the verdict grids of every evaluation (same prompts and seeds),
-`curves.png`, and the adapters.
+nothing) on the same soft tokens and a rank-4 LoRA (`--no-train-lora`: tokens only); evaluate. The report directory
+holds `report.md` (per-tag table with changes), `report.json`, the verdict grids of every evaluation (same prompts
+and seeds), `curves.png`, and the adapters.
 """
 
 from __future__ import annotations

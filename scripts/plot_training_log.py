@@ -36,7 +36,8 @@ def main(argv=None) -> None:
             key = f"{record['stage']} loss (running mean of {args.window})"
             curves.setdefault(key, []).append({"step": record["step"], "value": float(record["loss"])})
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise SystemExit(f"{args.log}, line {number}: expected a JSON record with stage, step and loss ({error})") from error
+            message = f"{args.log}, line {number}: expected a JSON record with stage, step and loss ({error})"
+            raise SystemExit(message) from error
     for key, points in curves.items():  # a resumed run logs some steps twice: keep the last record of each
         by_step = {p["step"]: p for p in points}
         curves[key] = smoothed([by_step[s] for s in sorted(by_step)], args.window)
