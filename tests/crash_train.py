@@ -68,40 +68,21 @@ def softalign_trainer(output_dir: str, steps: int):
     return SoftAlignTrainer(tiny_pipeline("sd15"), config, shapes_pairs(), callbacks=[Report()])
 
 
-def brightness(images, prompts, metadata):
-    return images.mean(dim=(1, 2, 3)), {}
-
-
 def prompt_fn():
     return random.choice(PROMPTS), {}  # the global generator, pinned by the trainer per batch
 
 
 def ddpo_trainer(output_dir: str, epochs: int):
-    from peft import LoraConfig
+    from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for
 
-    from softalign import SoftTokens, SoftTokensConfig
-    from softalign.backbones import context_dim_of
-    from softalign.rl.ddpo_config import DDPOConfig
     from softalign.rl.ddpo_trainer import DDPOTrainer
     from softalign.testing import tiny_pipeline
 
     pipe = tiny_pipeline("sd15")
     torch.manual_seed(0)  # the same initial tokens and LoRA in every process
-    tokens = SoftTokens(SoftTokensConfig.for_family("sd15", dim=context_dim_of(pipe), init="normal"))
-    lora = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
-    config = DDPOConfig(
-        output_dir=output_dir,
-        num_epochs=epochs,
-        sample_num_steps=3,
-        sample_batch_size=2,
-        sample_num_batches_per_epoch=2,
-        train_batch_size=2,
-        resolution=32,
-        train_learning_rate=1e-2,
-        save_freq=1,
-        num_checkpoint_limit=2,
-        resume_from="latest",
-    )
+    tokens = tokens_for(pipe, "sd15")
+    lora = gaussian_lora()
+    config = tiny_ddpo_config(output_dir, num_epochs=epochs, save_freq=1, num_checkpoint_limit=2, resume_from="latest")
     trainer = DDPOTrainer(
         config,
         brightness,
@@ -163,6 +144,7 @@ def serve() -> None:
     import accelerate  # noqa: F401  (imports paid once, before any fork)
     import diffusers.optimization  # noqa: F401
     import peft  # noqa: F401
+    import rl_fixtures  # noqa: F401
     import safetensors.torch  # noqa: F401
     import shapes_data  # noqa: F401
     import tqdm.auto  # noqa: F401

@@ -2,22 +2,17 @@ import copy
 
 import pytest
 import torch
+from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for
 from shapes_data import shapes_pairs
 
-from softalign import SoftTokens, SoftTokensConfig
-from softalign.backbones import context_dim_of, denoiser_of
+from softalign.backbones import denoiser_of
 from softalign.config import SoftAlignConfig
-from softalign.rl.ddpo_config import DDPOConfig
 from softalign.rl.ddpo_trainer import DDPOTrainer
 from softalign.rl.stat_tracking import PerPromptStatTracker
 from softalign.testing import tiny_pipeline
 from softalign.trainer import SoftAlignTrainer
 
 PROMPTS = ["a photo of a cat", "a photo of two dogs"]
-
-
-def brightness(images, prompts, metadata):
-    return images.mean(dim=(1, 2, 3)), {}
 
 
 class Prompts:
@@ -30,28 +25,7 @@ class Prompts:
 
 
 def config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "ddpo"),
-        num_epochs=2,
-        sample_num_steps=3,
-        sample_batch_size=2,
-        sample_num_batches_per_epoch=2,
-        train_batch_size=2,
-        resolution=32,
-        train_learning_rate=1e-2,
-    )
-    settings.update(overrides)
-    return DDPOConfig(**settings)
-
-
-def tokens_for(pipe, family):
-    return SoftTokens(SoftTokensConfig.for_family(family, dim=context_dim_of(pipe), init="normal"))
-
-
-def lora():
-    from peft import LoraConfig
-
-    return LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
+    return tiny_ddpo_config(str(tmp_path / "ddpo"), **overrides)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +44,7 @@ def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_l
     base = copy.deepcopy({k: v for k, v in denoiser_of(pipe).state_dict().items()})
     tokens = tokens_for(pipe, family) if train_tokens else None
     trainer = DDPOTrainer(
-        config(tmp_path), brightness, Prompts(), pipe, soft_tokens=tokens, peft_config=lora() if train_lora else None
+        config(tmp_path), brightness, Prompts(), pipe, soft_tokens=tokens, peft_config=gaussian_lora() if train_lora else None
     )
     initial = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
     history = trainer.train()
@@ -93,7 +67,7 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
         Prompts(),
         (p := tiny_pipeline("sd15")),
         soft_tokens=tokens_for(p, "sd15"),
-        peft_config=lora(),
+        peft_config=gaussian_lora(),
     )
     whole.train()
     first = DDPOTrainer(
@@ -102,7 +76,7 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
         Prompts(),
         (q := tiny_pipeline("sd15")),
         soft_tokens=tokens_for(q, "sd15"),
-        peft_config=lora(),
+        peft_config=gaussian_lora(),
     )
     first.train(epochs=2)
     resumed = DDPOTrainer(
@@ -111,7 +85,7 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
         Prompts(),
         (r := tiny_pipeline("sd15")),
         soft_tokens=tokens_for(r, "sd15"),
-        peft_config=lora(),
+        peft_config=gaussian_lora(),
     )
     before = {k: v.clone() for k, v in resumed.trainable.state_dict().items()}
     resumed.train()
@@ -194,7 +168,7 @@ def test_save_model_then_load_reproduces_the_trained_pipeline(tmp_path):
         Prompts(),
         pipe,
         soft_tokens=tokens_for(pipe, "sd15"),
-        peft_config=lora(),
+        peft_config=gaussian_lora(),
     )
     trainer.train()
     adapter = trainer.save_model()

@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 from PIL import Image
+from rl_fixtures import tokens_for, white_rejected_preferences
 from shapes_data import shapes_pairs
 
-from softalign import SoftTokens, SoftTokensConfig
-from softalign.backbones import context_dim_of
 from softalign.config import SoftAlignConfig
 from softalign.objectives import diffusion_dpo_loss
 from softalign.rl.ddpo_config import DDPOConfig
@@ -14,19 +13,6 @@ from softalign.rl.ddpo_trainer import DDPOTrainer
 from softalign.rl.dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from softalign.testing import tiny_pipeline
 from softalign.trainer import SoftAlignTrainer
-
-
-def preferences(n=8):
-    """Preferred: the render of its caption; rejected: an empty white image."""
-    return [
-        {"caption": caption, "chosen": image, "rejected": Image.new("RGB", image.size, "white")}
-        for image, caption in shapes_pairs(n)
-    ]
-
-
-def tokens_for(pipe, family):
-    tokens = SoftTokens(SoftTokensConfig.for_family(family, dim=context_dim_of(pipe), init="normal"))
-    return tokens
 
 
 def test_dpo_loss_formula_and_types():
@@ -52,7 +38,7 @@ def test_loss_is_ln2_at_initialisation_with_tokens_and_lora(family, tmp_path):
     trainer = DiffusionDPOTrainer(
         pipe,
         DiffusionDPOConfig(output_dir=str(tmp_path), max_steps=1, resolution=32),
-        preferences(4),
+        white_rejected_preferences(4),
         soft_tokens=tokens_for(pipe, family),
         peft_config=lora,
     )
@@ -74,7 +60,7 @@ def test_dpo_learns_a_toy_preference(loss_type, tmp_path):
         logging_steps=1,
         train_batch_size=8,
     )
-    trainer = DiffusionDPOTrainer(pipe, args, preferences(8), soft_tokens=tokens_for(pipe, "sd15"))
+    trainer = DiffusionDPOTrainer(pipe, args, white_rejected_preferences(8), soft_tokens=tokens_for(pipe, "sd15"))
     trainer.prepare_data()
 
     def held_out_loss():  # the same pairs, t and noise before and after training
@@ -115,7 +101,7 @@ def test_chaining_softalign_ddpo_and_dpo_on_one_set_of_tokens(tmp_path):
     dpo = DiffusionDPOTrainer(
         pipe,
         DiffusionDPOConfig(output_dir=str(tmp_path / "3"), max_steps=2, resolution=32, alongside_weight=0.5),
-        preferences(4),
+        white_rejected_preferences(4),
         soft_tokens=tokens,
         alongside=stage1,
     )
@@ -145,7 +131,7 @@ def test_fewer_pairs_than_one_batch_is_named(tmp_path):
     trainer = DiffusionDPOTrainer(
         pipe,
         DiffusionDPOConfig(output_dir=str(tmp_path), train_batch_size=4, max_steps=1),
-        preferences(3),
+        white_rejected_preferences(3),
         soft_tokens=tokens_for(pipe, "sd15"),
     )
     with pytest.raises(ValueError, match=r"3 preference pairs, fewer than one batch \(4 per process x 1 processes\)"):

@@ -9,13 +9,9 @@ import sys
 
 import torch
 from peft import LoraConfig
-from PIL import Image
+from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for, white_rejected_preferences
 from safetensors.torch import save_file
-from shapes_data import shapes_pairs
 
-from softalign import SoftTokens, SoftTokensConfig
-from softalign.backbones import context_dim_of
-from softalign.rl.ddpo_config import DDPOConfig
 from softalign.rl.ddpo_trainer import DDPOTrainer
 from softalign.rl.dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from softalign.testing import tiny_pipeline
@@ -25,34 +21,17 @@ kind, out = sys.argv[1], sys.argv[2]
 PROMPTS = ["a photo of a cat", "a photo of two dogs"]
 
 
-def brightness(images, prompts, metadata):
-    return images.mean(dim=(1, 2, 3)), {}
-
-
 def prompt_fn():
     return random.choice(PROMPTS), {}
 
 
 pipe = tiny_pipeline("sd15")
-tokens = SoftTokens(SoftTokensConfig.for_family("sd15", dim=context_dim_of(pipe), init="normal"))
+tokens = tokens_for(pipe, "sd15")
 if kind == "ddpo":
-    config = DDPOConfig(
-        output_dir=f"{out}/ddpo",
-        num_epochs=2,
-        sample_num_steps=3,
-        sample_batch_size=2,
-        sample_num_batches_per_epoch=2,
-        train_batch_size=2,
-        resolution=32,
-        train_learning_rate=1e-2,
-    )
-    lora = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
-    trainer = DDPOTrainer(config, brightness, prompt_fn, pipe, soft_tokens=tokens, peft_config=lora)
+    config = tiny_ddpo_config(f"{out}/ddpo")
+    trainer = DDPOTrainer(config, brightness, prompt_fn, pipe, soft_tokens=tokens, peft_config=gaussian_lora())
 elif kind == "dpo":
-    pairs = [
-        {"caption": caption, "chosen": image, "rejected": Image.new("RGB", image.size, "white")}
-        for image, caption in shapes_pairs(8)
-    ]
+    pairs = white_rejected_preferences(8)
     args = DiffusionDPOConfig(
         output_dir=f"{out}/dpo", max_steps=3, resolution=32, learning_rate=1e-2, train_batch_size=2, logging_steps=1
     )
