@@ -17,16 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from softalign import SoftTokens, SoftTokensConfig, read_soft_tokens
 from softalign.backbones import context_dim_of, family_of
 from softalign.cli import load_pipeline
 from softalign.rl import DDPOConfig, DDPOTrainer, GenEvalReward, jpeg_compressibility
-from softalign.shapes.data import sample_metadata
-from softalign.shapes.prompts import split_prompts
-from softalign.shapes.vocabulary import TAGS
+from softalign.shapes.data import prompt_sampler
+from softalign.shapes.prompts import parse_tags, split_prompts
 
 
 def main(argv=None) -> int:
@@ -59,18 +57,12 @@ def main(argv=None) -> int:
     else:
         lines = split_prompts("train")
         if args.tags:
-            wanted = set(args.tags.split(","))
-            if unknown := wanted - set(TAGS):
-                parser.error(f"--tags: unknown {sorted(unknown)}; the shapes tags are {list(TAGS)}")
+            try:
+                wanted = parse_tags(args.tags)
+            except ValueError as error:
+                parser.error(f"--tags: {error}")
             lines = [line for line in lines if line["tag"] in wanted]
-    rng = np.random.default_rng(0)
-
-    tags = sorted({line["tag"] for line in lines}) if not args.prompts else None
-
-    def prompt_fn():
-        line = sample_metadata(rng, lines, tags=tags) if tags else lines[int(rng.integers(len(lines)))]
-        return line["prompt"], line
-
+    prompt_fn = prompt_sampler(lines, seed=0)
     reward = jpeg_compressibility if args.reward == "jpeg" else GenEvalReward(dense=args.reward == "geneval")
     peft = None
     if args.train_lora:

@@ -76,10 +76,12 @@ def parse_args(argv=None):
             if getattr(args, key) == getattr(defaults, key):  # the command line wins
                 setattr(args, key, value)
     if args.stage2_tags:
-        from softalign.shapes.vocabulary import TAGS
+        from softalign.shapes.prompts import parse_tags
 
-        if unknown := set(args.stage2_tags.split(",")) - set(TAGS):
-            parser.error(f"--stage2-tags: unknown {sorted(unknown)}; the shapes tags are {list(TAGS)}")
+        try:
+            parse_tags(args.stage2_tags)  # args stay plain strings: report.json records them
+        except ValueError as error:
+            parser.error(f"--stage2-tags: {error}")
     return args
 
 
@@ -121,12 +123,13 @@ def evaluate(pipe, args, name: str, detector) -> dict:
 
 def stage2(pipe, args, tokens, stage1_trainer, detector):
     from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer, GenEvalReward
-    from softalign.shapes.data import sample_metadata
-    from softalign.shapes.prompts import split_prompts
+    from softalign.shapes.data import prompt_sampler
+    from softalign.shapes.prompts import parse_tags, split_prompts
 
     lines = split_prompts("train")
     if args.stage2_tags:
-        lines = [line for line in lines if line["tag"] in args.stage2_tags.split(",")]
+        wanted = parse_tags(args.stage2_tags)
+        lines = [line for line in lines if line["tag"] in wanted]
     peft = None
     if args.train_lora:
         from peft import LoraConfig
@@ -134,13 +137,7 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
         peft = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     out = Path(args.out) / "stage2"
     if args.stage2 == "ddpo":
-        rng = np.random.default_rng(args.seed)
-        tags = sorted({line["tag"] for line in lines})
-
-        def prompt_fn():  # a tag uniformly, then one of its prompts: color_attr has 17x the prompts of counting
-            line = sample_metadata(rng, lines, tags=tags)
-            return line["prompt"], line
-
+        prompt_fn = prompt_sampler(lines, seed=args.seed)
         config = DDPOConfig(
             output_dir=str(out),
             num_epochs=args.stage2_epochs,

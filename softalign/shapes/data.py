@@ -41,3 +41,17 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor `(3, H, W)` in [-1, 1], the range diffusers' VAEs expect."""
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def prompt_sampler(lines: list[dict], seed: int):
+    """A DDPO `prompt_fn() -> (prompt, metadata)` over metadata lines, seeded: a tag uniformly among those the lines
+    have, then one of its prompts (so color_attr's many prompts do not crowd out counting); lines without a tag (plain
+    prompts) are drawn uniformly."""
+    rng = np.random.default_rng(seed)
+    tags = sorted({line["tag"] for line in lines}) if all("tag" in line for line in lines) else None
+
+    def prompt_fn():
+        line = sample_metadata(rng, lines, tags=tags) if tags else lines[int(rng.integers(len(lines)))]
+        return line["prompt"], line
+
+    return prompt_fn

@@ -106,3 +106,11 @@ def evaluation_metadata(split: str = "heldout", min_images_per_tag: int = 300) -
         per_prompt = max(1, math.ceil(min_images_per_tag / len(members)))
         plan += [(line, per_prompt) for line in members]
     return plan
+
+
+def parse_tags(text: str) -> set[str]:
+    """`"counting,position"` -> the set of tags; an unknown tag is a `ValueError` that lists the known ones."""
+    wanted = set(text.split(","))
+    if unknown := wanted - set(TAGS):
+        raise ValueError(f"unknown {sorted(unknown)}; the shapes tags are {list(TAGS)}")
+    return wanted
