@@ -44,6 +44,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tags", help="Comma-separated shapes tags to train on (default: all six).")
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="Score the held-out prompts of --tags every N epochs (0: never)."
+    )
+    parser.add_argument("--eval-images-per-prompt", type=int, default=40)
+    parser.add_argument("--eval-steps", type=int, default=20, help="Sampling steps of the held-out evaluations.")
+    parser.add_argument("--seed", type=int, default=0, help="Prompt order and DDPO sampling seed.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
@@ -62,7 +68,7 @@ def main(argv=None) -> int:
             except ValueError as error:
                 parser.error(f"--tags: {error}")
             lines = [line for line in lines if line["tag"] in wanted]
-    prompt_fn = prompt_sampler(lines, seed=0)
+    prompt_fn = prompt_sampler(lines, seed=args.seed)
     reward = jpeg_compressibility if args.reward == "jpeg" else GenEvalReward(dense=args.reward == "geneval")
     peft = None
     if args.train_lora:
@@ -82,12 +88,59 @@ def main(argv=None) -> int:
         train_timestep_fraction=0.5,
         per_prompt_stat_tracking=True,
         per_prompt_stat_tracking_min_count=8,
+        seed=args.seed,
     )
     trainer = DDPOTrainer(config, reward, prompt_fn, pipe, soft_tokens=tokens, peft_config=peft)
-    for record in trainer.train():
-        print(f"epoch {record['epoch']}: reward {record['reward_mean']:.3f}")
+    if args.eval_every and not args.prompts:
+        wanted = {line["tag"] for line in lines}
+        heldout = [line for line in split_prompts("heldout") if line["tag"] in wanted]
+        train_with_heldout_curve(trainer, pipe, args, heldout)
+    else:
+        for record in trainer.train():
+            print(f"epoch {record['epoch']}: reward {record['reward_mean']:.3f}")
     trainer.save_model(Path(args.out) / "adapter")
     return 0
+
+
+def train_with_heldout_curve(trainer, pipe, args, heldout: list[dict]) -> None:
+    """Train in chunks of `--eval-every` epochs and score the held-out prompts after each (and before the first).
+
+    Writes `<out>/heldout-curve.jsonl` (one row per evaluation: epoch, accuracy per tag and overall) and
+    `<out>/heldout-curve.png`; each evaluation's images and report are in `<out>/evals/epoch-NNN/`. RL on a few
+    hundred samples is noisy, and the curve shows whether a final number is a peak, a plateau or a collapse.
+    """
+    import json
+
+    from softalign.curves import plot_curves
+    from softalign.eval.run import run_evaluation
+    from softalign.shapes.detector import ShapesDetector
+
+    out, detector = Path(args.out), ShapesDetector.load()
+    plan = [(line, args.eval_images_per_prompt) for line in heldout]
+    rows = []
+    epoch = trainer.epoch
+    while True:
+        summary = run_evaluation(
+            pipe,
+            plan,
+            detector,
+            out / "evals" / f"epoch-{epoch:03d}",
+            seed=1234,
+            num_inference_steps=args.eval_steps,
+            guidance_scale=args.guidance_scale,
+            progress=False,
+        )
+        row = {"epoch": epoch, "overall": summary["overall"], **{t: v["accuracy"] for t, v in summary["tags"].items()}}
+        rows.append(row)
+        (out / "heldout-curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"epoch {epoch}: held-out {row}", flush=True)
+        if epoch >= args.epochs:
+            break
+        epoch = min(args.epochs, epoch + args.eval_every)
+        for record in trainer.train(epochs=epoch)[-args.eval_every :]:
+            print(f"epoch {record['epoch']}: reward {record['reward_mean']:.3f}", flush=True)
+    points = [{"step": row["epoch"], "value": row["overall"]} for row in rows]
+    plot_curves({"held-out accuracy by epoch": points}, out / "heldout-curve.png")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--stage1-images", type=int, default=512, help="Shapes renders for stage 1.")
+    parser.add_argument(
+        "--count-groups",
+        type=float,
+        default=0.0,
+        help="Share of the stage-1 shapes groups that are hard negatives: one class at four counts.",
+    )
     parser.add_argument("--stage2-epochs", type=int, default=8)
     parser.add_argument("--eval-images-per-prompt", type=int, default=4)
     parser.add_argument(
@@ -85,17 +91,22 @@ def parse_args(argv=None):
     return args
 
 
-def shapes_pairs(n: int, seed: int):
-    from softalign.shapes.data import sample_metadata
+def shapes_pairs(n: int, seed: int, count_groups: float = 0.0, group: int = 4):
+    """`n` renders of training-split prompts in groups of `group` (each image's candidate captions): a share
+    `count_groups` of the groups are one class at different counts (hard negatives), the rest tag-uniform draws."""
+    from softalign.shapes.data import count_group, sample_metadata
     from softalign.shapes.prompts import split_prompts
     from softalign.shapes.render import render_scene
 
     rng = np.random.default_rng(seed)
     lines = split_prompts("train")
     pairs = []
-    for _ in range(n):
-        line = sample_metadata(rng, lines)
-        pairs.append((render_scene(line, rng)[0], line["prompt"]))
+    for _ in range(n // group):
+        if count_groups and rng.random() < count_groups:  # (no draw at 0: the same renders as before)
+            members = count_group(rng, lines, group)
+        else:
+            members = [sample_metadata(rng, lines) for _ in range(group)]
+        pairs += [(render_scene(line, rng)[0], line["prompt"]) for line in members]
     return pairs
 
 
@@ -121,6 +132,15 @@ def evaluate(pipe, args, name: str, detector) -> dict:
     )
 
 
+def configured(config_class, overrides: dict, section: str, **defaults):
+    """`config_class(**defaults)` with the `--config` file's `section` mapping on top (the file wins over the
+    recipe's small-budget defaults; its top-level options were already merged with the command line)."""
+    try:
+        return config_class(**{**defaults, **overrides})
+    except TypeError as error:
+        raise SystemExit(f"--config: the '{section}' section does not fit {config_class.__name__}: {error}") from None
+
+
 def stage2(pipe, args, tokens, stage1_trainer, detector):
     from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer, GenEvalReward
     from softalign.shapes.data import prompt_sampler
@@ -138,7 +158,10 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
     out = Path(args.out) / "stage2"
     if args.stage2 == "ddpo":
         prompt_fn = prompt_sampler(lines, seed=args.seed)
-        config = DDPOConfig(
+        config = configured(
+            DDPOConfig,
+            args.stage2_overrides,
+            "stage2_config",
             output_dir=str(out),
             num_epochs=args.stage2_epochs,
             sample_num_steps=args.sample_steps,
@@ -165,7 +188,10 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
         history = trainer.train()
         return trainer, [{"step": r["epoch"] + 1, "value": r["reward_mean"]} for r in history], "mean dense reward"
     pairs = preference_pairs(pipe, args, lines, detector)
-    config = DiffusionDPOConfig(
+    config = configured(
+        DiffusionDPOConfig,
+        args.stage2_overrides,
+        "stage2_config",
         output_dir=str(out),
         max_steps=args.stage2_epochs * 10,
         seed=args.seed,
@@ -232,8 +258,11 @@ def main(argv=None) -> int:
         summaries["base"] = evaluate_once("base")
 
     print(f"\n== stage 1: {args.objective} soft tokens, {args.stage1_steps} steps", flush=True)
-    data = args.data or shapes_pairs(args.stage1_images, args.seed)
-    stage1_config = SoftAlignConfig(
+    data = args.data or shapes_pairs(args.stage1_images, args.seed, args.count_groups)
+    stage1_config = configured(
+        SoftAlignConfig,
+        args.softalign_overrides,
+        "softalign",
         output_dir=str(out / "stage1"),
         objective=args.objective,
         max_steps=args.stage1_steps,
@@ -244,6 +273,7 @@ def main(argv=None) -> int:
         chunk_size=8,
         ema_decay=0.99,
         resolution=denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor,
+        keep_groups=not args.data,  # the shapes pairs come in groups (see --count-groups)
     )
     stage1 = SoftAlignTrainer(pipe, stage1_config, data)
     stage1.train()

@@ -45,6 +45,13 @@ class SoftAlignConfig:
     )
     objective: str = field(default="agsm", metadata={"help": "agsm (the headline) or softrepa (the baseline)."})
     negatives_per_positive: int = field(default=3, metadata={"help": "Negative captions per image (AGSM: 3)."})
+    keep_groups: bool = field(
+        default=False,
+        metadata={
+            "help": "Shuffle the dataset's consecutive groups of negatives_per_positive + 1 examples as wholes, so "
+            "the dataset chooses each image's negatives (hard negatives); else examples are shuffled one by one."
+        },
+    )
     gamma_pos: float = field(default=1.0, metadata={"help": "AGSM tilt of the positive target."})
     gamma_neg: float | None = field(
         default=None, metadata={"help": "AGSM tilt of negatives (default: 1.0 SD1.x, 0.1 SDXL/SD3)."}

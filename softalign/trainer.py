@@ -151,6 +151,13 @@ class SoftAlignTrainer:
         cache = EncodingCache(cache_dir, self.pipe, self.backbone, self.args.resolution, self.args.center_crop)
         with self.accelerator.main_process_first():
             self.data = cache.encode(self.examples, skip_bad_images=self.args.skip_bad_images)
+        group = self.args.negatives_per_positive + 1
+        if self.args.keep_groups and (len(self.data) != len(self.examples) or len(self.examples) % group):
+            raise ValueError(
+                f"keep_groups needs every one of the dataset's groups of {group} examples intact: "
+                f"{len(self.examples)} examples, {len(self.data)} usable. Fix or drop the unreadable images, or make "
+                f"the dataset a multiple of {group} long."
+            )
         per_step = self.args.train_batch_size * self.world_size
         if len(self.data) < per_step:
             raise ValueError(
@@ -169,7 +176,15 @@ class SoftAlignTrainer:
         per_epoch = len(self.data) // (b * world)
         counter = step * self.args.gradient_accumulation_steps + micro
         epoch, position = divmod(counter, per_epoch)
-        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        generator = torch.Generator().manual_seed(self.args.seed + epoch)
+        if self.args.keep_groups:  # whole groups move, so each image meets the negatives the dataset put beside it
+            group = self.args.negatives_per_positive + 1
+            order = (torch.randperm(len(self.data) // group, generator=generator)[:, None] * group).add(
+                torch.arange(group)
+            )
+            order = order.reshape(-1)
+        else:
+            order = torch.randperm(len(self.data), generator=generator)
         start = (position * world + self.accelerator.process_index) * b
         return order[start : start + b]
 

@@ -51,13 +51,20 @@ def test_recipe_presets_parse_into_valid_configs():
     import yaml
 
     from softalign.config import SoftAlignConfig
-    from softalign.rl import DDPOConfig
+    from softalign.rl import DDPOConfig, DiffusionDPOConfig
 
     for preset in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
         args = recipe.parse_args(["--config", str(preset)])
         SoftAlignConfig.from_dict(args.softalign_overrides)
         DDPOConfig(**args.stage2_overrides)
         assert yaml.safe_load(preset.read_text())["objective"] == args.objective
+        # the file's sections win over the recipe's small-budget defaults
+        stage1 = recipe.configured(SoftAlignConfig, args.softalign_overrides, "softalign", learning_rate=5.0)
+        assert stage1.learning_rate == args.softalign_overrides["learning_rate"] != 5.0
+        stage2 = recipe.configured(DDPOConfig, args.stage2_overrides, "stage2_config", sample_num_steps=3)
+        assert stage2.sample_num_steps == args.stage2_overrides["sample_num_steps"] != 3
+    with pytest.raises(SystemExit, match="'stage2_config' section does not fit DiffusionDPOConfig"):
+        recipe.configured(DiffusionDPOConfig, {"sample_num_steps": 50}, "stage2_config")
 
 
 def _tiny_model(tmp_path):
@@ -128,7 +135,11 @@ def test_ddpo_and_dpo_recipes(tmp_path):
     counting = tmp_path / "ddpo-counting"
     flags = ["--model", model, "--out", str(counting), "--tags", "counting", "--train-lora", "--epochs", "1"]
     flags += ["--sample-steps", "2", "--batch-size", "2", "--train-batch-size", "1", "--guidance-scale", "1.5"]
+    flags += ["--eval-every", "1", "--eval-images-per-prompt", "1", "--eval-steps", "2"]
     assert load("ddpo").main(flags) == 0
+    curve = [json.loads(line) for line in (counting / "heldout-curve.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in curve] == [0, 1] and all(0 <= row["counting"] <= 1 for row in curve)
+    assert (counting / "heldout-curve.png").is_file() and (counting / "evals" / "epoch-001" / "summary.json").is_file()
     assert (counting / "adapter" / "adapter_model.safetensors").is_file()
     assert (counting / "lora" / "softalign" / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(SystemExit):

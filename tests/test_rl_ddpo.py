@@ -44,7 +44,12 @@ def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_l
     base = copy.deepcopy({k: v for k, v in denoiser_of(pipe).state_dict().items()})
     tokens = tokens_for(pipe, family) if train_tokens else None
     trainer = DDPOTrainer(
-        config(tmp_path), brightness, Prompts(), pipe, soft_tokens=tokens, peft_config=gaussian_lora() if train_lora else None
+        config(tmp_path),
+        brightness,
+        Prompts(),
+        pipe,
+        soft_tokens=tokens,
+        peft_config=gaussian_lora() if train_lora else None,
     )
     initial = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
     history = trainer.train()

@@ -237,3 +237,24 @@ def test_alignment_loss_is_a_differentiable_term_for_other_trainers(tmp_path):
     trainer.soft_tokens.zero_grad(set_to_none=True)
     trainer._micro_step(0, 0, loss_scale=1.0)  # the same batch through the trainer's own backward
     assert torch.allclose(grad, trainer.soft_tokens.tokens.grad, rtol=1e-5, atol=1e-9)
+
+
+def test_keep_groups_shuffles_whole_groups_and_refuses_broken_ones(tmp_path):
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path, train_batch_size=8, keep_groups=True), PAIRS)
+    trainer.prepare_data()
+    seen = []
+    for step in range(4):  # two epochs of 16 examples
+        indices = trainer._batch_indices(step, 0)
+        groups = indices.view(-1, 4)
+        assert torch.equal(groups % 4, torch.arange(4).expand_as(groups))  # each group whole and in dataset order
+        assert torch.equal(groups // 4, (groups[:, :1] // 4).expand_as(groups))
+        seen.append(groups[:, 0] // 4)
+    assert sorted(torch.cat(seen[:2]).tolist()) == [0, 1, 2, 3]  # every group once per epoch
+    assert torch.cat(seen[:2]).tolist() != [0, 1, 2, 3]  # ... in shuffled order (seed 42)
+    plain = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "plain", train_batch_size=8), PAIRS)
+    plain.prepare_data()
+    assert any(
+        not torch.equal(plain._batch_indices(s, 0).view(-1, 4) % 4, torch.arange(4).expand(2, 4)) for s in range(4)
+    )
+    with pytest.raises(ValueError, match="keep_groups needs every one of the dataset's groups of 4"):
+        SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "odd", keep_groups=True), PAIRS[:14]).prepare_data()

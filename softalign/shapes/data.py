@@ -18,6 +18,23 @@ def sample_metadata(rng: np.random.Generator, lines: list[dict], tags=TAGS) -> d
     return members[int(rng.integers(len(members)))]
 
 
+def count_group(rng: np.random.Generator, lines: list[dict], size: int = 4) -> list[dict]:
+    """`size` prompts that differ only in how many objects of one class they ask for ("a circle", "two circles", ...),
+    in random order: a group of hard negatives for the contrastive stage, where each image's other captions are wrong
+    only in the count. Drawn from the single_object and counting lines of `lines` (e.g. the training split)."""
+    by_class: dict[str, dict[int, dict]] = {}
+    for line in lines:
+        if line.get("tag") in ("single_object", "counting"):
+            clause = line["include"][0]
+            by_class.setdefault(clause["class"], {})[int(clause["count"])] = line
+    classes = sorted(name for name, counts in by_class.items() if len(counts) >= size)
+    if not classes:
+        raise ValueError(f"No class has {size} different counts among the given lines' single_object/counting prompts.")
+    counts = by_class[classes[int(rng.integers(len(classes)))]]
+    chosen = rng.choice(sorted(counts), size=size, replace=False)
+    return [counts[int(c)] for c in chosen]
+
+
 def render_batch(
     batch_size: int, seed: int, split: str = "train", size: int = 64, caption_dropout: float = 0.0
 ) -> tuple[torch.Tensor, list[str], list[dict]]:
