@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG while sampling (shapes models: 1.5).")
     parser.add_argument("--tags", help="Comma-separated shapes tags to train on (default: all six).")
     parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument(
+        "--lora-targets",
+        default="to_q,to_k,to_v,to_out.0",
+        help="Comma-separated module-name suffixes the LoRA wraps (e.g. attn1.to_q for self-attention only).",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--eval-every", type=int, default=0, help="Score the held-out prompts of --tags every N epochs (0: never)."
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
         from peft import LoraConfig
 
         rank = args.lora_rank
-        peft = LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        peft = LoraConfig(r=rank, lora_alpha=rank, target_modules=args.lora_targets.split(","))
     config = DDPOConfig(
         output_dir=args.out,
         num_epochs=args.epochs,
@@ -134,13 +139,13 @@ def train_with_heldout_curve(trainer, pipe, args, heldout: list[dict]) -> None:
         rows.append(row)
         (out / "heldout-curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         print(f"epoch {epoch}: held-out {row}", flush=True)
+        points = [{"step": r["epoch"], "value": r["overall"]} for r in rows]
+        plot_curves({"held-out accuracy by epoch": points}, out / "heldout-curve.png")  # kept current: runs get cut
         if epoch >= args.epochs:
             break
         epoch = min(args.epochs, epoch + args.eval_every)
         for record in trainer.train(epochs=epoch)[-args.eval_every :]:
             print(f"epoch {record['epoch']}: reward {record['reward_mean']:.3f}", flush=True)
-    points = [{"step": row["epoch"], "value": row["overall"]} for row in rows]
-    plot_curves({"held-out accuracy by epoch": points}, out / "heldout-curve.png")
 
 
 if __name__ == "__main__":
