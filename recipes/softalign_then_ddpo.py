@@ -273,7 +273,7 @@ def main(argv=None) -> int:
         chunk_size=8,
         ema_decay=0.99,
         resolution=denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor,
-        keep_groups=not args.data,  # the shapes pairs come in groups (see --count-groups)
+        keep_groups=bool(args.count_groups) and not args.data,  # count groups must stay whole
     )
     stage1 = SoftAlignTrainer(pipe, stage1_config, data)
     stage1.train()
