@@ -15,10 +15,11 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover_interrupted_writes
 
 INTEGRITY_NAME = "integrity.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(checkpoint-\d+)\.(?:tmp|old)-\w+$")  # atomic_directory's staging / old copy
 
 
 def _sha256(path: Path) -> str:
@@ -58,6 +59,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write_files, limit
     """Create `checkpoint-<step>` atomically: `write_files(staging_dir)` writes the content, then the integrity record
     is added, then it is renamed into place; older checkpoints beyond `limit` are deleted afterwards."""
     target = Path(output_dir) / f"checkpoint-{step}"
+    # A killed run's leftovers; safe to tidy because the run lock admits one writer per run directory.
+    leftovers = {m.group(1) for p in Path(output_dir).glob(".checkpoint-*") if (m := _LEFTOVER.match(p.name))}
+    for name in leftovers:
+        recover_interrupted_writes(Path(output_dir) / name)
     with atomic_directory(target) as staging:
         write_files(staging)
         write_integrity(staging)

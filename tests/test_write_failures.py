@@ -423,3 +423,18 @@ def test_read_only_output_directory_keeps_the_checkpoints_and_stops(tmp_path):
         assert {p.name: _snapshot(p) for p in list_checkpoints(run)} == before
     finally:
         run.chmod(0o755)
+
+
+def test_a_killed_checkpoint_write_is_tidied_by_the_next_save(tmp_path):
+    from softalign.checkpoints import save_checkpoint
+
+    run = tmp_path / "run"
+    (run / ".checkpoint-2.old-0badc0de").mkdir(parents=True)  # killed between the two renames of a re-save
+    (run / ".checkpoint-2.old-0badc0de" / "state.txt").write_text("2")
+    (run / ".checkpoint-3.tmp-0badc0de").mkdir()  # killed while writing
+    (run / ".checkpoint-3.tmp-0badc0de" / "state.txt").write_text("hal")
+    (run / ".notes.tmp-1").mkdir()  # not a checkpoint leftover: left alone
+    save_checkpoint(run, 4, lambda folder: (folder / "state.txt").write_text("4"), limit=None)
+    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp-1", "checkpoint-2", "checkpoint-4"]
+    assert (run / "checkpoint-2" / "state.txt").read_text() == "2"
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]
