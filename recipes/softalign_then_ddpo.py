@@ -102,11 +102,12 @@ def shapes_pairs(n: int, seed: int, count_groups: float = 0.0, group: int = 4):
     lines = split_prompts("train")
     pairs = []
     for _ in range(n // group):
-        if count_groups and rng.random() < count_groups:  # (no draw at 0: the same renders as before)
-            members = count_group(rng, lines, group)
-        else:
-            members = [sample_metadata(rng, lines) for _ in range(group)]
-        pairs += [(render_scene(line, rng)[0], line["prompt"]) for line in members]
+        if count_groups and rng.random() < count_groups:  # no draw at 0: the same renders as without groups
+            pairs += [(render_scene(line, rng)[0], line["prompt"]) for line in count_group(rng, lines, group)]
+            continue
+        for _ in range(group):
+            line = sample_metadata(rng, lines)
+            pairs.append((render_scene(line, rng)[0], line["prompt"]))
     return pairs
 
 
@@ -258,7 +259,6 @@ def main(argv=None) -> int:
         summaries["base"] = evaluate_once("base")
 
     print(f"\n== stage 1: {args.objective} soft tokens, {args.stage1_steps} steps", flush=True)
-    data = args.data or shapes_pairs(args.stage1_images, args.seed, args.count_groups)
     stage1_config = configured(
         SoftAlignConfig,
         args.softalign_overrides,
@@ -275,6 +275,8 @@ def main(argv=None) -> int:
         resolution=denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor,
         keep_groups=bool(args.count_groups) and not args.data,  # count groups must stay whole
     )
+    group = stage1_config.negatives_per_positive + 1
+    data = args.data or shapes_pairs(args.stage1_images, args.seed, args.count_groups, group)
     stage1 = SoftAlignTrainer(pipe, stage1_config, data)
     stage1.train()
     tokens = stage1.soft_tokens

@@ -156,3 +156,16 @@ def test_ddpo_and_dpo_recipes(tmp_path):
         == 0
     )
     assert (tmp_path / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_flagship_count_groups_keep_each_images_negatives_in_its_group():
+    import softalign_then_ddpo as recipe
+
+    from softalign.shapes.prompts import split_prompts
+
+    by_prompt = {line["prompt"]: line for line in split_prompts("train")}
+    pairs = recipe.shapes_pairs(16, seed=0, count_groups=1.0)
+    assert len(pairs) == 16
+    for start in range(0, 16, 4):
+        clauses = [by_prompt[caption]["include"][0] for _, caption in pairs[start : start + 4]]
+        assert len({c["class"] for c in clauses}) == 1 and len({c["count"] for c in clauses}) == 4
