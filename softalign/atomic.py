@@ -27,21 +27,13 @@ def _fsync_directory(directory) -> None:
             os.close(fd)
 
 
-def recover_interrupted_writes(target: str | os.PathLike) -> None:
-    """Finish what a killed [`atomic_directory`] left beside `target`.
-
-    A process killed between its two renames leaves the last complete copy as `.<name>.old-<token>` and no `target`:
-    that copy is put back. Staging directories (`.<name>.tmp-<token>`) of killed writers are half-written and are
-    deleted. Call it only where nobody else is writing `target` (the run lock guarantees that for run directories).
+def remove_stale_staging(target: str | os.PathLike) -> None:
+    """Delete the staging directories (`.<name>.tmp-<token>`) that killed [`atomic_directory`] writes of `target`
+    left: they are half-written by construction. Moved-aside copies (`.<name>.old-<token>`) are left alone and never
+    read. Call it only where nobody else is writing `target` (the run lock guarantees that for run directories).
     """
     target = Path(target)
-    parent = target.parent
-    if not parent.is_dir():
-        return
-    old = sorted(parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if old and not target.exists():
-        os.replace(old.pop(), target)
-    for leftover in [*old, *parent.glob(f".{target.name}.tmp-*")]:
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 

@@ -15,11 +15,11 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .atomic import atomic_directory, recover_interrupted_writes
+from .atomic import atomic_directory, remove_stale_staging
 
 INTEGRITY_NAME = "integrity.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
-_LEFTOVER = re.compile(r"^\.(checkpoint-\d+)\.(?:tmp|old)-\w+$")  # atomic_directory's staging / old copy
+_LEFTOVER = re.compile(r"^\.(checkpoint-\d+)\.tmp-\w+$")  # atomic_directory's staging directories
 
 
 def _sha256(path: Path) -> str:
@@ -62,7 +62,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write_files, limit
     # A killed run's leftovers; safe to tidy because the run lock admits one writer per run directory.
     leftovers = {m.group(1) for p in Path(output_dir).glob(".checkpoint-*") if (m := _LEFTOVER.match(p.name))}
     for name in leftovers:
-        recover_interrupted_writes(Path(output_dir) / name)
+        remove_stale_staging(Path(output_dir) / name)
     with atomic_directory(target) as staging:
         write_files(staging)
         write_integrity(staging)

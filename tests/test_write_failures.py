@@ -429,12 +429,10 @@ def test_a_killed_checkpoint_write_is_tidied_by_the_next_save(tmp_path):
     from softalign.checkpoints import save_checkpoint
 
     run = tmp_path / "run"
-    (run / ".checkpoint-2.old-0badc0de").mkdir(parents=True)  # killed between the two renames of a re-save
-    (run / ".checkpoint-2.old-0badc0de" / "state.txt").write_text("2")
-    (run / ".checkpoint-3.tmp-0badc0de").mkdir()  # killed while writing
+    (run / ".checkpoint-3.tmp-0badc0de").mkdir(parents=True)  # killed while writing: half-written
     (run / ".checkpoint-3.tmp-0badc0de" / "state.txt").write_text("hal")
-    (run / ".notes.tmp-1").mkdir()  # not a checkpoint leftover: left alone
+    (run / ".checkpoint-2.old-0badc0de").mkdir()  # a moved-aside copy: never read, never deleted
+    (run / ".notes.tmp-1").mkdir()  # not a checkpoint's staging directory: left alone
     save_checkpoint(run, 4, lambda folder: (folder / "state.txt").write_text("4"), limit=None)
-    assert sorted(p.name for p in run.iterdir()) == [".notes.tmp-1", "checkpoint-2", "checkpoint-4"]
-    assert (run / "checkpoint-2" / "state.txt").read_text() == "2"
-    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in run.iterdir()) == [".checkpoint-2.old-0badc0de", ".notes.tmp-1", "checkpoint-4"]
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-4"]
