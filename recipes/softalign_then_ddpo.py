@@ -102,11 +102,10 @@ def shapes_pairs(n: int, seed: int, count_groups: float = 0.0, group: int = 4):
     lines = split_prompts("train")
     pairs = []
     for _ in range(n // group):
-        if count_groups and rng.random() < count_groups:  # no draw at 0: the same renders as without groups
-            pairs += [(render_scene(line, rng)[0], line["prompt"]) for line in count_group(rng, lines, group)]
-            continue
-        for _ in range(group):
-            line = sample_metadata(rng, lines)
+        hard = count_groups and rng.random() < count_groups  # no draw at 0: the same renders as without groups
+        members = count_group(rng, lines, group) if hard else None
+        for i in range(group):
+            line = members[i] if hard else sample_metadata(rng, lines)  # drawn just before its render, as ever
             pairs.append((render_scene(line, rng)[0], line["prompt"]))
     return pairs
 

@@ -27,16 +27,6 @@ def _fsync_directory(directory) -> None:
             os.close(fd)
 
 
-def remove_stale_staging(target: str | os.PathLike) -> None:
-    """Delete the staging directories (`.<name>.tmp-<token>`) that killed [`atomic_directory`] writes of `target`
-    left: they are half-written by construction. Moved-aside copies (`.<name>.old-<token>`) are left alone and never
-    read. Call it only where nobody else is writing `target` (the run lock guarantees that for run directories).
-    """
-    target = Path(target)
-    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike):
     """Yield a fresh temporary directory beside `target`; on success it replaces `target` by renames.

@@ -15,11 +15,10 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .atomic import atomic_directory, remove_stale_staging
+from .atomic import atomic_directory
 
 INTEGRITY_NAME = "integrity.json"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
-_LEFTOVER = re.compile(r"^\.(checkpoint-\d+)\.tmp-\w+$")  # atomic_directory's staging directories
 
 
 def _sha256(path: Path) -> str:
@@ -59,10 +58,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, write_files, limit
     """Create `checkpoint-<step>` atomically: `write_files(staging_dir)` writes the content, then the integrity record
     is added, then it is renamed into place; older checkpoints beyond `limit` are deleted afterwards."""
     target = Path(output_dir) / f"checkpoint-{step}"
-    # A killed run's leftovers; safe to tidy because the run lock admits one writer per run directory.
-    leftovers = {m.group(1) for p in Path(output_dir).glob(".checkpoint-*") if (m := _LEFTOVER.match(p.name))}
-    for name in leftovers:
-        remove_stale_staging(Path(output_dir) / name)
+    # Staging directories of a killed run are half-written by construction; the run lock admits one writer per run
+    # directory, so none of them is in use. Moved-aside `.old-*` copies are left alone and never read.
+    for staging in Path(output_dir).glob(".checkpoint-*.tmp-*"):
+        shutil.rmtree(staging, ignore_errors=True)
     with atomic_directory(target) as staging:
         write_files(staging)
         write_integrity(staging)

@@ -151,7 +151,7 @@ class SoftAlignTrainer:
         cache = EncodingCache(cache_dir, self.pipe, self.backbone, self.args.resolution, self.args.center_crop)
         with self.accelerator.main_process_first():
             self.data = cache.encode(self.examples, skip_bad_images=self.args.skip_bad_images)
-        group = self.args.negatives_per_positive + 1
+        group = self.args.negatives_per_positive + 1  # with keep_groups, the dataset's groups must all be whole
         if self.args.keep_groups and (len(self.data) != len(self.examples) or len(self.examples) % group):
             raise ValueError(
                 f"keep_groups needs every one of the dataset's groups of {group} examples intact: "
@@ -179,10 +179,8 @@ class SoftAlignTrainer:
         generator = torch.Generator().manual_seed(self.args.seed + epoch)
         if self.args.keep_groups:  # whole groups move, so each image meets the negatives the dataset put beside it
             group = self.args.negatives_per_positive + 1
-            order = (torch.randperm(len(self.data) // group, generator=generator)[:, None] * group).add(
-                torch.arange(group)
-            )
-            order = order.reshape(-1)
+            groups = torch.randperm(len(self.data) // group, generator=generator)
+            order = (groups[:, None] * group + torch.arange(group)).reshape(-1)
         else:
             order = torch.randperm(len(self.data), generator=generator)
         start = (position * world + self.accelerator.process_index) * b
