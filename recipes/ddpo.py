@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--guidance-scale", type=float, default=5.0, help="CFG while sampling (shapes models: 1.5).")
     parser.add_argument("--tags", help="Comma-separated shapes tags to train on (default: all six).")
+    parser.add_argument(
+        "--kl-coef", type=float, default=0.0, help="KL penalty to the starting policy (Flow-GRPO's beta; 0: none)."
+    )
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument(
         "--lora-targets",
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
         per_prompt_stat_tracking=True,
         per_prompt_stat_tracking_min_count=8,
         seed=args.seed,
+        kl_coef=args.kl_coef,
     )
     trainer = DDPOTrainer(config, reward, prompt_fn, pipe, soft_tokens=tokens, peft_config=peft)
     if args.eval_every and not args.prompts:

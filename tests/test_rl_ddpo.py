@@ -65,9 +65,10 @@ def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_l
             assert torch.equal(value, base[name.replace(".base_layer", "")]), name
 
 
-def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kl_coef", [0.0, 1.0])
+def test_resumed_ddpo_equals_an_uninterrupted_run(kl_coef, tmp_path):
     whole = DDPOTrainer(
-        config(tmp_path / "a", num_epochs=3),
+        config(tmp_path / "a", num_epochs=3, kl_coef=kl_coef),
         brightness,
         Prompts(),
         (p := tiny_pipeline("sd15")),
@@ -76,7 +77,7 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
     )
     whole.train()
     first = DDPOTrainer(
-        config(tmp_path / "b", num_epochs=3),
+        config(tmp_path / "b", num_epochs=3, kl_coef=kl_coef),
         brightness,
         Prompts(),
         (q := tiny_pipeline("sd15")),
@@ -85,7 +86,7 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
     )
     first.train(epochs=2)
     resumed = DDPOTrainer(
-        config(tmp_path / "b", num_epochs=3, resume_from="latest"),
+        config(tmp_path / "b", num_epochs=3, resume_from="latest", kl_coef=kl_coef),
         brightness,
         Prompts(),
         (r := tiny_pipeline("sd15")),
@@ -98,6 +99,42 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(tmp_path):
     assert resumed.epoch == 3 and any(not torch.equal(after[k], before[k]) for k in after)  # it trained again
     for name, value in whole.trainable.state_dict().items():
         assert torch.equal(value, after[name]), name
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_kl_penalty_alone_pulls_the_parameters_back_to_the_reference(family, tmp_path):
+    """With a constant reward every advantage is 0, so the KL term is the whole loss and its only effect."""
+    pipe = tiny_pipeline(family)
+    trainer = DDPOTrainer(
+        config(tmp_path, num_epochs=3, kl_coef=2.0, train_learning_rate=3e-3),
+        lambda images, prompts, metadata: (torch.ones(len(prompts)), {}),
+        Prompts(),
+        pipe,
+        soft_tokens=tokens_for(pipe, family),
+        peft_config=gaussian_lora(),
+    )
+    reference = [p.clone() for p in trainer.reference]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.trainable.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    history = trainer.train(epochs=3)
+    assert history[0]["kl"] > 0 and history[-1]["kl"] < 0.7 * history[0]["kl"]  # the policy returns to the reference
+    for record in history:
+        assert record["loss"] == pytest.approx(2.0 * record["kl"], rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(trainer.reference, reference, strict=True))  # never trained
+
+
+def test_kl_resume_needs_the_reference_it_was_trained_against(tmp_path):
+    pipe = tiny_pipeline("sd15")
+    DDPOTrainer(config(tmp_path, num_epochs=1), brightness, Prompts(), pipe, peft_config=gaussian_lora()).train()
+    pipe = tiny_pipeline("sd15")
+    resumed = DDPOTrainer(
+        config(tmp_path, num_epochs=2, resume_from="latest", kl_coef=1.0), brightness, Prompts(), pipe,
+        peft_config=gaussian_lora(),
+    )
+    with pytest.raises(ValueError, match="reference.safetensors"):
+        resumed.train()
 
 
 def test_alongside_term_and_chaining_on_one_set_of_tokens(tmp_path):

@@ -4,7 +4,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from softalign.rl.samplers import ddim_step_with_logprob, flow_sde_step_with_logprob, gaussian_log_prob
+from softalign.rl.samplers import (
+    ddim_step_mean_std,
+    ddim_step_with_logprob,
+    flow_sde_step_with_logprob,
+    gaussian_kl,
+    gaussian_log_prob,
+)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -75,3 +81,23 @@ def test_flow_sde_step_reduces_to_euler_without_noise_and_scores_its_draw():
 def test_gaussian_log_prob_matches_torch_distributions():
     x, m, s = torch.randn(2, 3), torch.randn(2, 3), torch.rand(2, 3) + 0.1
     assert torch.allclose(gaussian_log_prob(x, m, s), torch.distributions.Normal(m, s).log_prob(x).mean(1))
+
+
+def test_gaussian_kl_by_hand_and_against_torch_distributions():
+    mean, reference = torch.tensor([[1.0, 3.0], [0.5, 0.5]]), torch.tensor([[0.0, 0.0], [0.5, 0.5]])
+    std = torch.tensor([[2.0], [0.0]])  # one std per sample; the second step is deterministic
+    # row 0: ((1 - 0)^2 + (3 - 0)^2) / (2 * 2^2) / 2 dims = 0.625; row 1: no noise -> 0
+    assert torch.allclose(gaussian_kl(mean, reference, std), torch.tensor([0.625, 0.0]))
+    m, r, s = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.rand(3, 1, 1, 1) + 0.1
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(m, s), torch.distributions.Normal(r, s))
+    assert torch.allclose(gaussian_kl(m, r, s), expected.mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_step_mean_std_is_the_gaussian_the_step_draws_from():
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(10)
+    sample, output = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    mean, std = ddim_step_mean_std(scheduler, output, 500, sample, eta=1.0)
+    prev, _ = ddim_step_with_logprob(scheduler, output, 500, sample, eta=1.0, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(3))
+    assert std.shape == (2, 1, 1, 1) and torch.allclose(prev, mean + std * noise, atol=1e-6)

@@ -50,6 +50,13 @@ class DDPOConfig:
     per_prompt_stat_tracking_min_count: int = field(default=16, metadata={"help": "Below this, use global stats."})
     async_reward_computation: bool = field(default=False, metadata={"help": "Score rewards in a thread pool."})
     max_workers: int = field(default=2, metadata={"help": "Threads of the async reward pool."})
+    kl_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a KL penalty to the reference policy (the trained parameters as training began), "
+            "Flow-GRPO's beta; 0, as TRL's DDPO, skips the reference forward."
+        },
+    )
     alongside_weight: float = field(default=0.0, metadata={"help": "Weight of the SoftAlign term added per step."})
     save_freq: int = field(default=1, metadata={"help": "Checkpoint every N epochs."})
     num_checkpoint_limit: int = field(default=5, metadata={"help": "Checkpoints kept."})
@@ -92,6 +99,8 @@ class DDPOConfig:
         for name in ("train_learning_rate", "train_clip_range", "train_adv_clip_max"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"DDPOConfig.{name} must be positive, got {getattr(self, name)!r}.")
+        if self.kl_coef < 0:
+            raise ValueError(f"DDPOConfig.kl_coef must be >= 0, got {self.kl_coef}.")
         if self.alongside_weight < 0:
             raise ValueError(f"DDPOConfig.alongside_weight must be >= 0, got {self.alongside_weight}.")
 

@@ -4,7 +4,9 @@ and SD3 (the Flow-GRPO SDE, arXiv 2505.05470), with trl 0.23.1's contracts:
 
 Each epoch: (1) sample trajectories with the current parameters, keeping every step's latent and log-probability;
 (2) score the images; rewards -> advantages (per prompt or globally normalised); (3) PPO: for each trained timestep,
-re-score the stored step under the current parameters, `loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))`.
+re-score the stored step under the current parameters, `loss = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps)))`,
+plus, with `kl_coef > 0`, `kl_coef * KL(pi_theta || pi_ref)` of that step in closed form (Flow-GRPO's beta term;
+the reference is the trained parameters as they were when training began, swapped in for one extra forward).
 An optional SoftAlign term (AGSM / SoftREPA on image-caption pairs) is added on the same parameters at every
 optimiser step ("alongside"). Randomness is a function of (seed, epoch, batch, process), so a resumed run repeats
 exactly what an uninterrupted one does.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,13 @@ from ..distributed import average_gradients, make_accelerator
 from ..run_lock import RunLock
 from ..trainable import TrainableState
 from .ddpo_config import DDPOConfig
-from .samplers import ddim_step_with_logprob, flow_sde_step_with_logprob
+from .samplers import (
+    ddim_step_mean_std,
+    ddim_step_with_logprob,
+    flow_sde_step_mean_std,
+    flow_sde_step_with_logprob,
+    gaussian_kl,
+)
 from .save_model import SaveModelMixin
 from .stat_tracking import PerPromptStatTracker
 
@@ -87,6 +96,8 @@ class DDPOTrainer(SaveModelMixin):
             weight_decay=config.train_adam_weight_decay,
             eps=config.train_adam_epsilon,
         )
+        # the KL penalty's reference policy: a copy of the trained parameters before any update (checkpointed)
+        self.reference = [p.detach().clone() for p in self.trainable.parameters()] if config.kl_coef > 0 else None
         self.stat_tracker = PerPromptStatTracker(
             config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count
         )
@@ -129,6 +140,26 @@ class DDPOTrainer(SaveModelMixin):
         return ddim_step_with_logprob(
             self.scheduler, output, timesteps, latents, self.config.sample_eta, prev, generator
         )
+
+    def _step_mean_std(self, output, step_index, timesteps, latents):
+        if self.flow:
+            return flow_sde_step_mean_std(self.scheduler, output, step_index, latents, self.config.flow_noise_level)
+        return ddim_step_mean_std(self.scheduler, output, timesteps, latents, self.config.sample_eta)
+
+    @contextmanager
+    def _reference_parameters(self):
+        """The trained parameters temporarily hold the reference values (restored bit for bit on exit)."""
+        params = self.trainable.parameters()
+        current = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, ref in zip(params, self.reference, strict=True):
+                p.copy_(ref)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(params, current, strict=True):
+                    p.copy_(value)
 
     @torch.no_grad()
     def _sample_batch(self, epoch: int, batch: int) -> dict:
@@ -212,6 +243,9 @@ class DDPOTrainer(SaveModelMixin):
         index = batch["perms"][:, j]
         latents, prev = batch["latents"][rows, index], batch["latents"][rows, index + 1]
         timesteps = batch["timesteps"][rows, index]
+        if c.kl_coef > 0:  # before the trained forward, so no tensor autograd saved is touched by the swap
+            with torch.no_grad(), self._reference_parameters():
+                reference = self._predict(latents, timesteps, batch["conditioning"], guidance=c.train_cfg)
         output = self._predict(latents, timesteps, batch["conditioning"], guidance=c.train_cfg)
         _, log_prob = self._step(output, index, timesteps, latents, prev=prev)
         advantages = batch["advantages"].clamp(-c.train_adv_clip_max, c.train_adv_clip_max).to(log_prob.device)
@@ -223,6 +257,12 @@ class DDPOTrainer(SaveModelMixin):
             "approx_kl": 0.5 * ((log_prob - batch["log_probs"][rows, index]) ** 2).mean().item(),
             "clipfrac": ((ratio - 1).abs() > c.train_clip_range).float().mean().item(),
         }
+        if c.kl_coef > 0:
+            mean, std = self._step_mean_std(output, index, timesteps, latents)
+            reference_mean, _ = self._step_mean_std(reference, index, timesteps, latents)
+            kl = gaussian_kl(mean, reference_mean, std).mean()
+            loss = loss + c.kl_coef * kl
+            info["kl"] = kl.item()
         return loss, info
 
     def _train_epoch(self, samples: list[dict], epoch: int) -> dict:
@@ -231,7 +271,7 @@ class DDPOTrainer(SaveModelMixin):
         total = merged["latents"].shape[0]
         params = self.trainable.parameters()
         accumulation = c.train_gradient_accumulation_steps * c.num_train_timesteps
-        logs, micro = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}, 0
+        logs, micro = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, **({"kl": 0.0} if c.kl_coef > 0 else {})}, 0
         for inner in range(c.train_num_inner_epochs):
             generator = torch.Generator().manual_seed(self._seed(epoch, 10_000 + inner))
             order = torch.randperm(total, generator=generator)
@@ -335,6 +375,8 @@ class DDPOTrainer(SaveModelMixin):
                 "config": self.config.to_dict(),
             }
             write_training_files(folder, self.trainable, {"optimizer": self.optimizer}, state)
+            if self.reference is not None:
+                save_file({str(i): ref for i, ref in enumerate(self.reference)}, str(folder / "reference.safetensors"))
             if self.alongside is not None:
                 save_file(self.alongside.trainable.state_dict(), str(folder / "alongside.safetensors"))
 
@@ -344,6 +386,14 @@ class DDPOTrainer(SaveModelMixin):
         from safetensors.torch import load_file
 
         state = read_training_files(path, self.trainable, {"optimizer": self.optimizer})
+        if self.reference is not None:
+            if not (path / "reference.safetensors").is_file():
+                raise ValueError(
+                    f"{path} has no reference.safetensors: it was written with kl_coef = 0, so the KL penalty's "
+                    "reference (the parameters before training) is unknown; resume with kl_coef = 0 or start afresh."
+                )
+            saved = load_file(str(path / "reference.safetensors"))
+            self.reference = [saved[str(i)] for i in range(len(self.reference))]
         if self.alongside is not None and (path / "alongside.safetensors").is_file():
             self.alongside.trainable.load_state_dict(load_file(str(path / "alongside.safetensors")))
         self.epoch, self.global_step, self.log_history = state["epoch"], state["global_step"], state["log_history"]

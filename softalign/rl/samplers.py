@@ -9,6 +9,8 @@ This is the one file that reproduces scheduler internals; what differs from the 
 - `flow_sde_step_with_logprob` turns the rectified-flow ODE step of `FlowMatchEulerDiscreteScheduler` into the SDE of
   Flow-GRPO (arXiv 2505.05470) with the same marginals: `std_dev_t = noise_level * sqrt(sigma / (1 - sigma))`,
   drift corrected by the score implied by the velocity, Gaussian noise of std `std_dev_t * sqrt(-dt)`.
+- `*_step_mean_std` expose each step's Gaussian, and `gaussian_kl` the closed-form KL between two policies' steps (the
+  KL penalty of `DDPOConfig.kl_coef`, as Flow-GRPO's beta term).
 """
 
 from __future__ import annotations
@@ -31,29 +33,11 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return log_prob.mean(dim=tuple(range(1, sample.dim())))
 
 
-def ddim_step_with_logprob(
-    scheduler,
-    model_output: torch.Tensor,
-    timestep: torch.Tensor | int,
-    sample: torch.Tensor,
-    eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+def ddim_step_mean_std(
+    scheduler, model_output: torch.Tensor, timestep: torch.Tensor | int, sample: torch.Tensor, eta: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step `x_t -> x_{t-1}` and its log-probability.
-
-    Args:
-        scheduler (`DDIMScheduler`): with `set_timesteps` called (its step size is used).
-        model_output (`torch.Tensor`): the denoiser output (epsilon, v or sample, per the scheduler config).
-        timestep (`torch.Tensor` or `int`): current timestep(s), scalar or one per sample.
-        sample (`torch.Tensor`): `x_t`.
-        eta (`float`, *optional*, defaults to 1.0): 0 is the deterministic DDIM step (its log-prob is undefined).
-        prev_sample (`torch.Tensor`, *optional*): score this `x_{t-1}` instead of drawing one.
-        generator: the noise generator(s) for drawing `x_{t-1}`.
-
-    Returns:
-        `(prev_sample, log_prob)` with `log_prob` of shape `(batch,)`.
-    """
+    """Mean and standard deviation (per sample) of the DDIM step's Gaussian `p(x_{t-1} | x_t)`; see
+    `ddim_step_with_logprob` for the arguments."""
     config = scheduler.config
     if scheduler.num_inference_steps is None:
         raise ValueError("Call scheduler.set_timesteps(...) before stepping.")
@@ -87,6 +71,33 @@ def ddim_step_with_logprob(
     std_dev_t = eta * variance.sqrt()
     direction = (1 - alpha_prev - std_dev_t**2).clamp(min=0).sqrt() * epsilon
     mean = alpha_prev.sqrt() * x0 + direction
+    return mean, std_dev_t
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step `x_t -> x_{t-1}` and its log-probability.
+
+    Args:
+        scheduler (`DDIMScheduler`): with `set_timesteps` called (its step size is used).
+        model_output (`torch.Tensor`): the denoiser output (epsilon, v or sample, per the scheduler config).
+        timestep (`torch.Tensor` or `int`): current timestep(s), scalar or one per sample.
+        sample (`torch.Tensor`): `x_t`.
+        eta (`float`, *optional*, defaults to 1.0): 0 is the deterministic DDIM step (its log-prob is undefined).
+        prev_sample (`torch.Tensor`, *optional*): score this `x_{t-1}` instead of drawing one.
+        generator: the noise generator(s) for drawing `x_{t-1}`.
+
+    Returns:
+        `(prev_sample, log_prob)` with `log_prob` of shape `(batch,)`.
+    """
+    mean, std_dev_t = ddim_step_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         noise = _randn(model_output.shape, generator, model_output)
         prev_sample = mean + std_dev_t * noise
@@ -97,6 +108,25 @@ def ddim_step_with_logprob(
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, safe_std)
     log_prob = torch.where(random_rows, log_prob, torch.zeros_like(log_prob))
     return prev_sample.to(sample.dtype), log_prob
+
+
+def flow_sde_step_mean_std(
+    scheduler, model_output: torch.Tensor, step_index: int | torch.Tensor, sample: torch.Tensor, noise_level: float = 0.7
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation (per sample) of the Flow-GRPO step's Gaussian; see `flow_sde_step_with_logprob`."""
+    sigmas = scheduler.sigmas.to(sample.device, torch.float32)
+    index = torch.as_tensor(step_index, device=sample.device).long()
+    sigma = _per_sample(sigmas[index], sample).float()
+    sigma_next = _per_sample(sigmas[index + 1], sample).float()
+    sigma_max = sigmas[1] if len(sigmas) > 1 else sigmas[0]
+    dt = sigma_next - sigma  # negative: from noise towards data
+    # at sigma = 1 the ratio is infinite; like Flow-GRPO, use the next level there
+    ratio = sigma / (1 - torch.where(sigma >= 1, sigma_max, sigma))
+    std_dev_t = noise_level * ratio.sqrt()
+    x, v = sample.float(), model_output.float()
+    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    step_std = std_dev_t * (-dt).sqrt()
+    return mean, step_std
 
 
 def flow_sde_step_with_logprob(
@@ -118,22 +148,20 @@ def flow_sde_step_with_logprob(
         noise_level (`float`, *optional*, defaults to 0.7): `a` in `std_dev_t = a sqrt(sigma / (1 - sigma))`;
             0 gives the plain Euler ODE step (no density).
     """
-    sigmas = scheduler.sigmas.to(sample.device, torch.float32)
-    index = torch.as_tensor(step_index, device=sample.device).long()
-    sigma = _per_sample(sigmas[index], sample).float()
-    sigma_next = _per_sample(sigmas[index + 1], sample).float()
-    sigma_max = sigmas[1] if len(sigmas) > 1 else sigmas[0]
-    dt = sigma_next - sigma  # negative: from noise towards data
-    # at sigma = 1 the ratio is infinite; like Flow-GRPO, use the next level there
-    ratio = sigma / (1 - torch.where(sigma >= 1, sigma_max, sigma))
-    std_dev_t = noise_level * ratio.sqrt()
-    x, v = sample.float(), model_output.float()
-    mean = x * (1 + std_dev_t**2 / (2 * sigma) * dt) + v * (1 + std_dev_t**2 * (1 - sigma) / (2 * sigma)) * dt
-    step_std = std_dev_t * (-dt).sqrt()
+    mean, step_std = flow_sde_step_mean_std(scheduler, model_output, step_index, sample, noise_level)
     if prev_sample is None:
         prev_sample = mean + step_std * _randn(model_output.shape, generator, mean)
     log_prob = gaussian_log_prob(prev_sample.detach().float(), mean, step_std.expand_as(mean))
     return prev_sample.to(sample.dtype), log_prob
+
+
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """`KL(N(mean, std^2) || N(reference_mean, std^2))` per dimension, averaged over all but the batch axis (the scale
+    of the averaged log-probs); rows whose step has no noise (std 0) get 0."""
+    safe_std = torch.where(std > 0, std, torch.ones_like(std))
+    kl = ((mean - reference_mean) ** 2 / (2 * safe_std**2)).mean(dim=tuple(range(1, mean.dim())))
+    noisy = (std > 0).reshape(std.shape[0], -1)[:, 0]  # std is one value per sample
+    return torch.where(noisy, kl, torch.zeros_like(kl))
 
 
 def _randn(shape, generator, like: torch.Tensor) -> torch.Tensor:
