@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from softalign.atomic import atomic_directory
+from softalign.sd3_padding import STOCK_T5_ROWS, collapse_zero_padding
 from softalign.shapes.data import render_batch
-from softalign.sd3_padding import collapse_zero_padding
 from softalign.testing.tokenizers import clip_tokenizer
 
 TEXT_LENGTH = 24  # longest shapes-world caption is 14 CLIP tokens with BOS/EOS
-STOCK_T5_LENGTH = 256  # zero rows StableDiffusion3Pipeline appends without T5 (its default max_sequence_length)
 
 
 def build_vae(args):
@@ -297,7 +296,7 @@ def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
     pipe = make_pipeline(args, trained, frozen)
     denoiser = trained["unet" if args.family == "sd15" else "transformer"]
     if args.family == "sd3":
-        collapse_zero_padding(denoiser, STOCK_T5_LENGTH)
+        collapse_zero_padding(denoiser, STOCK_T5_ROWS)
     alphas = torch.as_tensor(
         __import__("diffusers").DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod, dtype=torch.float32
     )

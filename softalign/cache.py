@@ -9,9 +9,10 @@ conditioning. Layout under `cache_dir/<fingerprint>/`:
   `pooled_prompt_embeds`);
 - `index.json`: which example key and caption live in which shard row.
 
-The fingerprint hashes the VAE and text-encoder weights, the tokenizers' vocabularies, the family, the resolution and
-the crop, so a changed model or preprocessing never reuses stale entries. Shards and the index are written to a
-temporary name and renamed, so an interrupted encode never leaves a half-written cache.
+The fingerprint hashes the VAE and text-encoder weights, the tokenizers' vocabularies, the family, the resolution,
+the crop and (when it is not the pipeline's own) the conditioning layout, so a changed model or preprocessing never
+reuses stale entries. Shards and the index are written to a temporary name and renamed, so an interrupted encode
+never leaves a half-written cache.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def module_fingerprint(module) -> str:
     return digest.hexdigest()
 
 
-def pipeline_fingerprint(pipe, family: str, resolution: int, center_crop: bool) -> str:
+def pipeline_fingerprint(pipe, family: str, resolution: int, center_crop: bool, layout: str = "stock") -> str:
     parts = {"format": CACHE_FORMAT, "family": family, "resolution": resolution, "center_crop": center_crop}
+    if layout != "stock":  # conditioning shaped unlike the pipeline's own (keys of stock layouts stay as they were)
+        parts["conditioning_layout"] = layout
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -91,7 +94,9 @@ class EncodingCache:
     def __init__(self, cache_dir: str | os.PathLike, pipe, backbone, resolution: int, center_crop: bool):
         self.backbone = backbone
         self.resolution, self.center_crop = resolution, center_crop
-        self.fingerprint = pipeline_fingerprint(pipe, backbone.family, resolution, center_crop)
+        self.fingerprint = pipeline_fingerprint(
+            pipe, backbone.family, resolution, center_crop, backbone.conditioning_layout
+        )
         self.root = Path(cache_dir) / self.fingerprint
         self.root.mkdir(parents=True, exist_ok=True)
         self.index = self._read_index()

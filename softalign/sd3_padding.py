@@ -1,32 +1,61 @@
-"""Exact, cheap stand-in for the block of identical zero tokens an SD3 pipeline without T5 feeds its transformer.
+"""Exact, cheap stand-in for the block of identical zero rows an SD3 pipeline without T5 feeds its transformer.
 
 `StableDiffusion3Pipeline` with `text_encoder_3=None` appends `max_sequence_length` (256) zero rows to the CLIP
 context. Those rows are identical, so they stay identical through every joint block (same input, same per-token ops,
 same attention query), and in attention n identical keys with identical values act as one key whose logit is raised
 by ln(n). A transformer fed ONE zero row, with ln(256) added to that row's attention logit, therefore computes what
-the stock pipeline computes with 256 rows, at a fraction of the cost (the shapes SD3 model sees 64 image tokens: 344
-joint tokens become 89). Training scripts use this; the exported model is used with the stock pipeline unchanged.
+the stock pipeline computes with 256 rows (to float rounding), at a fraction of the cost when the image is small: the
+shipped 64-pixel SD3 model sees 64 image tokens, so 344 joint tokens become 89 and a training step is 4x cheaper.
+(At 1024 pixels the 4096 image tokens dominate and the saving is a few percent.)
+
+The processor computes diffusers' stock joint attention unless a forward passes
+`joint_attention_kwargs={"collapsed_padding": CollapsedPadding(...)}`, which gradient checkpointing replays too.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+STOCK_T5_ROWS = 256  # zero rows `StableDiffusion3Pipeline` appends without T5 (its default max_sequence_length)
+
+
+@dataclass(frozen=True)
+class CollapsedPadding:
+    """One context row of each joint attention stands for `repeats` identical rows.
+
+    Args:
+        repeats (`int`): how many identical rows it replaces.
+        row (`int`): its index in every block's context, counted from the start, or negative from the end.
+    """
+
+    repeats: int = STOCK_T5_ROWS
+    row: int = -1
+
+    def __post_init__(self):
+        if self.repeats < 1:
+            raise ValueError(f"CollapsedPadding.repeats must be at least 1, got {self.repeats}")
+
 
 class CollapsedPaddingAttnProcessor:
-    """SD3 joint attention whose LAST context token stands for `repeats` identical tokens."""
+    """SD3 joint attention (diffusers' `JointAttnProcessor2_0` computation) with an optional collapsed context row.
 
-    def __init__(self, repeats: int):
-        if repeats < 1:
-            raise ValueError(f"repeats must be at least 1, got {repeats}")
-        self.log_repeats = math.log(repeats)
+    Args:
+        default ([`CollapsedPadding`], *optional*): used when a forward passes none; `None` means stock attention.
+    """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    def __init__(self, default: CollapsedPadding | None = None):
+        self.default = default
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, collapsed_padding=None, **kwargs
+    ):
         if encoder_hidden_states is None:
             raise ValueError("CollapsedPaddingAttnProcessor is for joint attention; it got no context tokens")
+        padding = collapsed_padding or self.default
         batch, image_tokens = hidden_states.shape[:2]
 
         def heads(x, norm):
@@ -34,17 +63,31 @@ class CollapsedPaddingAttnProcessor:
             return norm(x) if norm is not None else x
 
         query = torch.cat(
-            [heads(attn.to_q(hidden_states), attn.norm_q), heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)],
+            [
+                heads(attn.to_q(hidden_states), attn.norm_q),
+                heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q),
+            ],
             dim=2,
         )
         key = torch.cat(
-            [heads(attn.to_k(hidden_states), attn.norm_k), heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)],
+            [
+                heads(attn.to_k(hidden_states), attn.norm_k),
+                heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k),
+            ],
             dim=2,
         )
-        value = torch.cat([heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2)
-        bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
-        bias[-1] = self.log_repeats
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.view(1, 1, 1, -1))
+        value = torch.cat(
+            [heads(attn.to_v(hidden_states), None), heads(attn.add_v_proj(encoder_hidden_states), None)], dim=2
+        )
+        bias = None
+        if padding is not None:
+            context_rows = encoder_hidden_states.shape[1]
+            if not -context_rows <= padding.row < context_rows:
+                raise ValueError(f"CollapsedPadding.row {padding.row} is outside a context of {context_rows} rows")
+            bias = torch.zeros(key.shape[2], dtype=query.dtype, device=query.device)
+            bias[image_tokens + padding.row % context_rows] = math.log(padding.repeats)
+            bias = bias.view(1, 1, 1, -1)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         out = out.transpose(1, 2).reshape(batch, -1, query.shape[1] * query.shape[-1]).to(query.dtype)
         image_out, context_out = out[:, :image_tokens], out[:, image_tokens:]
         if not attn.context_pre_only:
@@ -53,14 +96,31 @@ class CollapsedPaddingAttnProcessor:
         return image_out, context_out
 
 
-def collapse_zero_padding(transformer, repeats: int = 256) -> None:
-    """Make every joint attention of an `SD3Transformer2DModel` treat its last context token as `repeats` copies.
+def install_collapsed_padding(transformer, default: CollapsedPadding | None = None) -> bool:
+    """Put [`CollapsedPaddingAttnProcessor`] on every joint attention of an `SD3Transformer2DModel`.
 
-    Feed it the CLIP context followed by ONE zero row (instead of `repeats`); undo with `restore_attention(transformer)`.
+    Only over diffusers' stock processors (a custom one, e.g. IP-Adapter's, is never replaced) and only for SD3-style
+    blocks (SD3.5's dual attention is not handled). Returns whether it is installed.
     """
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
     if getattr(transformer.config, "dual_attention_layers", ()):
-        raise ValueError("collapse_zero_padding supports SD3 transformers without dual attention layers (SD3, not SD3.5)")
-    transformer.set_attn_processor(CollapsedPaddingAttnProcessor(repeats))
+        return False
+    processors = transformer.attn_processors.values()
+    if not all(isinstance(p, (JointAttnProcessor2_0, CollapsedPaddingAttnProcessor)) for p in processors):
+        return False
+    transformer.set_attn_processor(CollapsedPaddingAttnProcessor(default))
+    return True
+
+
+def collapse_zero_padding(transformer, repeats: int = STOCK_T5_ROWS) -> None:
+    """Every forward of the transformer treats its LAST context row as `repeats` copies (a training script's set-up:
+    feed the CLIP context and ONE zero row). Undo with [`restore_attention`]."""
+    if not install_collapsed_padding(transformer, CollapsedPadding(repeats, -1)):
+        raise ValueError(
+            "collapse_zero_padding needs an SD3 transformer with diffusers' stock joint attention and no dual attention "
+            "layers (SD3, not SD3.5)"
+        )
 
 
 def restore_attention(transformer) -> None:

@@ -130,7 +130,10 @@ def test_kl_resume_needs_the_reference_it_was_trained_against(tmp_path):
     DDPOTrainer(config(tmp_path, num_epochs=1), brightness, Prompts(), pipe, peft_config=gaussian_lora()).train()
     pipe = tiny_pipeline("sd15")
     resumed = DDPOTrainer(
-        config(tmp_path, num_epochs=2, resume_from="latest", kl_coef=1.0), brightness, Prompts(), pipe,
+        config(tmp_path, num_epochs=2, resume_from="latest", kl_coef=1.0),
+        brightness,
+        Prompts(),
+        pipe,
         peft_config=gaussian_lora(),
     )
     with pytest.raises(ValueError, match="reference.safetensors"):

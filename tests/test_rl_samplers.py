@@ -98,6 +98,8 @@ def test_step_mean_std_is_the_gaussian_the_step_draws_from():
     scheduler.set_timesteps(10)
     sample, output = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
     mean, std = ddim_step_mean_std(scheduler, output, 500, sample, eta=1.0)
-    prev, _ = ddim_step_with_logprob(scheduler, output, 500, sample, eta=1.0, generator=torch.Generator().manual_seed(3))
+    prev, _ = ddim_step_with_logprob(
+        scheduler, output, 500, sample, eta=1.0, generator=torch.Generator().manual_seed(3)
+    )
     noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(3))
     assert std.shape == (2, 1, 1, 1) and torch.allclose(prev, mean + std * noise, atol=1e-6)

@@ -1,20 +1,40 @@
-"""The collapsed zero-padding processor computes exactly what the stock SD3 transformer computes with 256 zero rows."""
+"""Collapsed zero padding computes what the stock SD3 transformer computes with 256 zero rows, wherever it is used."""
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from softalign.sd3_padding import CollapsedPaddingAttnProcessor, collapse_zero_padding, restore_attention
+from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
+from softalign.backbones import backbone_for, collapsed_pipeline_kwargs, context_dim_of
+from softalign.sd3_padding import (
+    CollapsedPadding,
+    collapse_zero_padding,
+    install_collapsed_padding,
+    restore_attention,
+)
+from softalign.testing import tiny_pipeline
 
 
 def tiny_transformer(**overrides):
     torch.manual_seed(0)
     config = dict(
-        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=12,
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
         pos_embed_max_size=8,
     )
     return SD3Transformer2DModel(**{**config, **overrides}).eval()
+
+
+def without_t5(pipe):
+    return StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
 
 
 @pytest.mark.parametrize("qk_norm", [None, "rms_norm"])
@@ -24,9 +44,9 @@ def test_one_zero_row_with_log_repeats_equals_the_stock_256_rows(qk_norm):
     clip = torch.randn(2, 5, 16)
     timestep = torch.tensor([300.0, 800.0])
 
-    def run(context):
+    def run(context, **kwargs):
         return transformer(
-            hidden_states=latents, timestep=timestep, encoder_hidden_states=context, pooled_projections=pooled
+            hidden_states=latents, timestep=timestep, encoder_hidden_states=context, pooled_projections=pooled, **kwargs
         ).sample
 
     with torch.no_grad():
@@ -36,13 +56,76 @@ def test_one_zero_row_with_log_repeats_equals_the_stock_256_rows(qk_norm):
         restore_attention(transformer)
         restored = run(torch.cat([clip, torch.zeros(2, 256, 16)], dim=1))
         wrong = run(torch.cat([clip, torch.zeros(2, 1, 16)], dim=1))  # one row WITHOUT the correction
-    assert torch.allclose(collapsed, stock, atol=1e-5)
-    assert torch.equal(restored, stock)
+        # installed without a default it is stock attention until a forward asks; the row may be given from the start
+        assert install_collapsed_padding(transformer)
+        unasked = run(torch.cat([clip, torch.zeros(2, 256, 16)], dim=1))
+        asked = run(
+            torch.cat([clip, torch.zeros(2, 1, 16)], dim=1),
+            joint_attention_kwargs={"collapsed_padding": CollapsedPadding(256, row=5)},
+        )
+    assert torch.allclose(collapsed, stock, atol=1e-5) and torch.allclose(asked, stock, atol=1e-5)
+    assert torch.equal(restored, stock) and torch.allclose(unasked, stock, atol=1e-6)
     assert not torch.allclose(wrong, stock, atol=1e-3)  # the log(256) bias is what makes them equal
 
 
-def test_bad_arguments_are_named():
+@pytest.mark.parametrize("objective", [None, "agsm", "softrepa"])  # no tokens, appended tokens, prepended tokens
+def test_backbone_without_t5_predicts_what_the_stock_context_gives(objective):
+    pipe = without_t5(tiny_pipeline("sd3"))
+    if objective is not None:
+        config = SoftTokensConfig.for_family("sd3", dim=context_dim_of(pipe), objective=objective, n_layers=1)
+        attach_soft_tokens(pipe, SoftTokens(config))
+    backbone = backbone_for(pipe)
+    assert backbone.collapsed_padding
+    conditioning = backbone.encode_prompts(["a photo of two dogs", "a cat"])
+    stock_embeds, _, _, _ = pipe.encode_prompt(
+        ["a photo of two dogs", "a cat"], None, None, do_classifier_free_guidance=False
+    )
+    rows = pipe.tokenizer_max_length
+    assert conditioning["prompt_embeds"].shape[1] == rows + 1 and stock_embeds.shape[1] == rows + 256
+    assert torch.equal(conditioning["prompt_embeds"], stock_embeds[:, : rows + 1])
+    noisy, t = torch.randn(2, 4, 8, 8), torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        ours = backbone.predict(noisy, t, conditioning)
+        stock = pipe.transformer(
+            hidden_states=noisy,
+            timestep=t,
+            encoder_hidden_states=stock_embeds,
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+        ).sample
+    assert torch.allclose(ours, stock, atol=1e-5)
+
+
+def test_pipeline_kwargs_draw_the_stock_images_and_apply_only_without_t5():
+    with_t5 = tiny_pipeline("sd3")
+    assert collapsed_pipeline_kwargs(with_t5) == {} and collapsed_pipeline_kwargs(tiny_pipeline("sd15")) == {}
+    pipe = without_t5(with_t5)
+    kwargs = collapsed_pipeline_kwargs(pipe)
+    assert kwargs["max_sequence_length"] == 1
+
+    def draw(**extra):
+        return pipe(
+            ["two cats", "a dog"],
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        ).images
+
+    assert torch.allclose(draw(**kwargs), draw(), atol=1e-5)
+
+
+def test_custom_processors_are_kept_and_bad_arguments_named():
+    transformer = tiny_transformer()
+
+    class Custom:  # any processor that is not diffusers' stock one
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("not called")
+
+    transformer.set_attn_processor(Custom())
+    assert not install_collapsed_padding(transformer)
+    with pytest.raises(ValueError, match="stock joint attention"):
+        collapse_zero_padding(transformer)
     with pytest.raises(ValueError, match="repeats"):
-        CollapsedPaddingAttnProcessor(0)
-    with pytest.raises(ValueError, match="dual attention"):
-        collapse_zero_padding(tiny_transformer(dual_attention_layers=(0,)))
+        CollapsedPadding(0)
+    assert not install_collapsed_padding(tiny_transformer(dual_attention_layers=(0,)))

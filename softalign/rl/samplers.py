@@ -111,7 +111,11 @@ def ddim_step_with_logprob(
 
 
 def flow_sde_step_mean_std(
-    scheduler, model_output: torch.Tensor, step_index: int | torch.Tensor, sample: torch.Tensor, noise_level: float = 0.7
+    scheduler,
+    model_output: torch.Tensor,
+    step_index: int | torch.Tensor,
+    sample: torch.Tensor,
+    noise_level: float = 0.7,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation (per sample) of the Flow-GRPO step's Gaussian; see `flow_sde_step_with_logprob`."""
     sigmas = scheduler.sigmas.to(sample.device, torch.float32)
