@@ -7,7 +7,7 @@
 - sd15: `StableDiffusionPipeline`: AutoencoderKL (64 px -> 4 x 16 x 16), a 3-layer 128-wide `CLIPTextModel` with the
   real CLIP vocabulary (its first 8192 merges), a `UNet2DConditionModel`, epsilon prediction on a cosine schedule.
 - sd3: `StableDiffusion3Pipeline`: the same VAE (with SD3's shift and scale), two 64-wide
-  `CLIPTextModelWithProjection`s and no T5 (SD3 allows it; see softalign.sd3_padding), an `SD3Transformer2DModel`
+  `CLIPTextModelWithProjection`s and a null T5 (zero output: CLIP-only conditioning), an `SD3Transformer2DModel`
   trained with rectified flow, `x_t = (1 - s) x0 + s noise`, `s = t / 1000`, target `noise - x0` (as AGSM trains SD3).
 
 Resumable: every `--save-every` steps the full training state (weights, EMA, optimiser, step) is written atomically
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from softalign.atomic import atomic_directory
-from softalign.sd3_padding import STOCK_T5_ROWS, collapse_zero_padding
+from softalign.sd3_padding import STOCK_T5_ROWS, collapse_zero_padding, null_t5_bypassed
 from softalign.shapes.data import render_batch
-from softalign.testing.tokenizers import clip_tokenizer
+from softalign.testing.tokenizers import clip_tokenizer, t5_tokenizer
 
 TEXT_LENGTH = 24  # longest shapes-world caption is 14 CLIP tokens with BOS/EOS
 
@@ -115,10 +115,36 @@ def build_models(args) -> tuple[dict, dict]:
         ),
         "text_encoder": CLIPTextModelWithProjection(clip_config(tokenizer, 64, 3)),
         "text_encoder_2": CLIPTextModelWithProjection(clip_config(tokenizer, 64, 3)),
-        # No T5 (as SD3 allows): the stock pipeline then appends 256 zero rows to the CLIP context; training feeds
-        # one and corrects the attention exactly (softalign.sd3_padding), a 4x cheaper step.
     }
+    # Conditioned on CLIP alone (as SD3 allows): the third slot holds a null T5 whose every output row is 0, so the
+    # stock loader needs no arguments; the pipeline appends 256 zero rows, which training feeds as one row with an exact
+    # attention correction (softalign.sd3_padding), a 4x cheaper step.
+    frozen["tokenizer_3"] = t5_tokenizer(words=[])
+    frozen["text_encoder_3"] = null_t5(len(frozen["tokenizer_3"]), width=128)
     return trained, frozen
+
+
+def null_t5(vocab_size: int, width: int):
+    """A one-layer T5 encoder whose final layer norm has weight 0: every output row is exactly 0 (a null T5)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=width,
+        d_ff=8,
+        d_kv=8,
+        num_layers=1,
+        num_heads=1,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+    )
+    model = T5EncoderModel(config).requires_grad_(False)
+    with torch.no_grad():
+        model.encoder.final_layer_norm.weight.zero_()
+    return model
 
 
 def make_pipeline(args, trained: dict, frozen: dict):
@@ -145,8 +171,6 @@ def make_pipeline(args, trained: dict, frozen: dict):
     return StableDiffusion3Pipeline(
         **trained,
         **frozen,
-        text_encoder_3=None,
-        tokenizer_3=None,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
     )
 
@@ -156,9 +180,10 @@ def encode_captions(pipe, family: str, captions: list[str]) -> dict:
     if family == "sd15":
         embeds, _ = pipe.encode_prompt(captions, "cpu", 1, False)
         return {"encoder_hidden_states": embeds}
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=1
-    )  # one zero row standing for the stock 256 (the transformer is collapsed in train_denoiser)
+    with null_t5_bypassed(pipe):  # one zero row standing for the stock 256 (the transformer is collapsed)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=1
+        )
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
 
@@ -245,6 +270,7 @@ def export(args, ema: dict, frozen: dict, out: Path, card: dict) -> None:
     with atomic_directory(out) as staging:
         pipe.save_pretrained(staging)
         (staging / "training.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(f"exported {out} at step {card['steps']}", flush=True)
 
 
 def init_from_export(args, trained: dict, ema: dict, run_dir: Path) -> tuple[int, float]:
@@ -300,7 +326,7 @@ def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
     alphas = torch.as_tensor(
         __import__("diffusers").DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod, dtype=torch.float32
     )
-    start = time.time() - elapsed
+    start, exported = time.time() - elapsed, None
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr)
@@ -333,24 +359,30 @@ def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
             snapshot.update(optimizer=optimizer.state_dict(), step=step, elapsed=time.time() - start)
             save_state(path, snapshot)
         if step % args.export_every == 0 or step == args.steps:
-            card = {
-                "family": args.family,
-                "steps": step,
-                "batch": args.batch,
-                "train_seconds": round(time.time() - start, 1),
-                "threads": args.threads,
-                "data": "shapes world, training split (softalign.shapes.prompts.split_prompts('train')), seed = step",
-                "vae_steps": args.vae_steps,
-                "shift_factor": args.shift_factor,
-                "scaling_factor": args.scaling_factor,
-                "lr": args.lr,
-                "ema": args.ema,
-                "seed": args.seed,
-            }
-            if (run_dir / "init.json").exists():
-                card["initialised_from"] = json.loads((run_dir / "init.json").read_text())
-            export(args, ema, frozen, out, card)
-            print(f"exported {out} at step {step}", flush=True)
+            export(args, ema, frozen, out, card_of(args, step, time.time() - start, run_dir))
+            exported = step
+    if exported != step:  # a finished run re-run: write its export again (e.g. after a change of export format)
+        export(args, ema, frozen, out, card_of(args, step, elapsed, run_dir))
+
+
+def card_of(args, step: int, seconds: float, run_dir: Path) -> dict:
+    card = {
+        "family": args.family,
+        "steps": step,
+        "batch": args.batch,
+        "train_seconds": round(seconds, 1),
+        "threads": args.threads,
+        "data": "shapes world, training split (softalign.shapes.prompts.split_prompts('train')), seed = step",
+        "vae_steps": args.vae_steps,
+        "shift_factor": args.shift_factor,
+        "scaling_factor": args.scaling_factor,
+        "lr": args.lr,
+        "ema": args.ema,
+        "seed": args.seed,
+    }
+    if (run_dir / "init.json").exists():
+        card["initialised_from"] = json.loads((run_dir / "init.json").read_text())
+    return card
 
 
 def main():

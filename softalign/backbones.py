@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from torch import nn
 
-from .sd3_padding import STOCK_T5_ROWS, CollapsedPadding, install_collapsed_padding
+from .sd3_padding import STOCK_T5_ROWS, CollapsedPadding, install_collapsed_padding, is_null_t5, null_t5_bypassed
 
 UNET_FAMILIES = ("sd15", "sd2", "sdxl")
 FAMILIES = UNET_FAMILIES + ("sd3",)
@@ -162,13 +164,13 @@ class SDXLBackbone(Backbone):
 class SD3Backbone(Backbone):
     """SD3 / SD3.5: three text encoders; a flow model called with t in [0, 1000] and the pooled projection.
 
-    Without T5 the stock pipeline appends 256 zero rows to the CLIP context; here they are one row standing for 256
-    (`softalign.sd3_padding`: the same outputs, a much cheaper step on small images).
+    Without T5 (or with a null T5) the stock pipeline appends 256 zero rows to the CLIP context; here they are one
+    row standing for 256 (`softalign.sd3_padding`: the same outputs, a much cheaper step on small images).
     """
 
     def __init__(self, pipe):
         super().__init__(pipe)
-        self.collapsed_padding = getattr(pipe, "text_encoder_3", None) is None and install_collapsed_padding(
+        self.collapsed_padding = is_null_t5(getattr(pipe, "text_encoder_3", None)) and install_collapsed_padding(
             self.denoiser
         )
         if self.collapsed_padding:
@@ -178,7 +180,7 @@ class SD3Backbone(Backbone):
         import torch
 
         rows = {"max_sequence_length": 1} if self.collapsed_padding else {}
-        with torch.no_grad():
+        with torch.no_grad(), null_t5_bypassed(self.pipe):
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=list(captions),
                 prompt_2=None,
@@ -215,13 +217,23 @@ def collapsed_row(pipe, text_rows: int) -> CollapsedPadding:
     return CollapsedPadding(STOCK_T5_ROWS, -1 if prepended else text_rows - 1)
 
 
-def collapsed_pipeline_kwargs(pipe) -> dict:
-    """Extra `pipe(...)` arguments that draw the same images faster on an SD3 pipeline without T5 (`{}` otherwise):
-    one zero row instead of 256, with its attention weight corrected."""
-    if family_of(pipe) != "sd3" or pipe.text_encoder_3 is not None or not install_collapsed_padding(pipe.transformer):
-        return {}
+@contextmanager
+def collapsed_generation(pipe):
+    """Yields extra `pipe(...)` arguments that draw the same images faster on an SD3 pipeline without T5 or with a
+    null T5 (`{}` for any other pipeline): one zero row instead of 256, with its attention weight corrected."""
+    if (
+        family_of(pipe) != "sd3"
+        or not is_null_t5(pipe.text_encoder_3)
+        or not install_collapsed_padding(pipe.transformer)
+    ):
+        yield {}
+        return
     text_rows = pipe.tokenizer_max_length + 1
-    return {"max_sequence_length": 1, "joint_attention_kwargs": {"collapsed_padding": collapsed_row(pipe, text_rows)}}
+    with null_t5_bypassed(pipe):
+        yield {
+            "max_sequence_length": 1,
+            "joint_attention_kwargs": {"collapsed_padding": collapsed_row(pipe, text_rows)},
+        }
 
 
 def backbone_for(pipe) -> Backbone:

@@ -10,11 +10,14 @@ shipped 64-pixel SD3 model sees 64 image tokens, so 344 joint tokens become 89 a
 
 The processor computes diffusers' stock joint attention unless a forward passes
 `joint_attention_kwargs={"collapsed_padding": CollapsedPadding(...)}`, which gradient checkpointing replays too.
+A "null T5" (a `T5EncoderModel` whose final layer norm has zero weight, so every output row is exactly 0) counts as no
+T5: a pipeline can then be loaded without arguments by `from_pretrained` and still be conditioned on CLIP alone.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +97,29 @@ class CollapsedPaddingAttnProcessor:
             context_out = attn.to_add_out(context_out)
         image_out = attn.to_out[1](attn.to_out[0](image_out))
         return image_out, context_out
+
+
+def is_null_t5(text_encoder_3) -> bool:
+    """True when the third text encoder contributes only zero rows: absent, or a T5 whose final norm weight is 0."""
+    if text_encoder_3 is None:
+        return True
+    norm = getattr(getattr(text_encoder_3, "encoder", None), "final_layer_norm", None)
+    return norm is not None and not bool(norm.weight.detach().abs().sum())
+
+
+@contextmanager
+def null_t5_bypassed(pipe):
+    """Within the block a null T5 is hidden from the pipeline, which then makes the zero rows itself (the same values,
+    without running T5 or warning that `max_sequence_length` truncates the T5 prompt). The config is not touched."""
+    encoder = getattr(pipe, "text_encoder_3", None)
+    if encoder is None or not is_null_t5(encoder):
+        yield
+        return
+    object.__setattr__(pipe, "text_encoder_3", None)  # DiffusionPipeline.__setattr__ would rewrite the config
+    try:
+        yield
+    finally:
+        object.__setattr__(pipe, "text_encoder_3", encoder)
 
 
 def install_collapsed_padding(transformer, default: CollapsedPadding | None = None) -> bool:

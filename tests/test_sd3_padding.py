@@ -3,13 +3,15 @@
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.utils import logging as diffusers_logging
 
 from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
-from softalign.backbones import backbone_for, collapsed_pipeline_kwargs, context_dim_of
+from softalign.backbones import backbone_for, collapsed_generation, context_dim_of
 from softalign.sd3_padding import (
     CollapsedPadding,
     collapse_zero_padding,
     install_collapsed_padding,
+    is_null_t5,
     restore_attention,
 )
 from softalign.testing import tiny_pipeline
@@ -33,7 +35,12 @@ def tiny_transformer(**overrides):
     return SD3Transformer2DModel(**{**config, **overrides}).eval()
 
 
-def without_t5(pipe):
+def without_t5(pipe, null: bool = False):
+    """The pipeline with no T5, or (null=True) with a null T5: its final norm zeroed, so every output row is 0."""
+    if null:
+        with torch.no_grad():
+            pipe.text_encoder_3.encoder.final_layer_norm.weight.zero_()
+        return pipe
     return StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
 
 
@@ -70,13 +77,14 @@ def test_one_zero_row_with_log_repeats_equals_the_stock_256_rows(qk_norm):
 
 @pytest.mark.parametrize("objective", [None, "agsm", "softrepa"])  # no tokens, appended tokens, prepended tokens
 def test_backbone_without_t5_predicts_what_the_stock_context_gives(objective):
-    pipe = without_t5(tiny_pipeline("sd3"))
+    pipe = without_t5(tiny_pipeline("sd3"), null=objective == "softrepa")
     if objective is not None:
         config = SoftTokensConfig.for_family("sd3", dim=context_dim_of(pipe), objective=objective, n_layers=1)
         attach_soft_tokens(pipe, SoftTokens(config))
     backbone = backbone_for(pipe)
     assert backbone.collapsed_padding
     conditioning = backbone.encode_prompts(["a photo of two dogs", "a cat"])
+    assert not backbone_for(tiny_pipeline("sd3")).collapsed_padding  # a real T5 is left alone
     stock_embeds, _, _, _ = pipe.encode_prompt(
         ["a photo of two dogs", "a cat"], None, None, do_classifier_free_guidance=False
     )
@@ -95,12 +103,13 @@ def test_backbone_without_t5_predicts_what_the_stock_context_gives(objective):
     assert torch.allclose(ours, stock, atol=1e-5)
 
 
-def test_pipeline_kwargs_draw_the_stock_images_and_apply_only_without_t5():
-    with_t5 = tiny_pipeline("sd3")
-    assert collapsed_pipeline_kwargs(with_t5) == {} and collapsed_pipeline_kwargs(tiny_pipeline("sd15")) == {}
-    pipe = without_t5(with_t5)
-    kwargs = collapsed_pipeline_kwargs(pipe)
-    assert kwargs["max_sequence_length"] == 1
+@pytest.mark.parametrize("null", [False, True])
+def test_collapsed_generation_draws_the_stock_images_and_applies_only_without_t5(null, caplog):
+    for other in (tiny_pipeline("sd3"), tiny_pipeline("sd15")):
+        with collapsed_generation(other) as kwargs:
+            assert kwargs == {}
+    pipe = without_t5(tiny_pipeline("sd3"), null=null)
+    assert is_null_t5(pipe.text_encoder_3) and backbone_for(pipe).collapsed_padding
 
     def draw(**extra):
         return pipe(
@@ -112,7 +121,21 @@ def test_pipeline_kwargs_draw_the_stock_images_and_apply_only_without_t5():
             **extra,
         ).images
 
-    assert torch.allclose(draw(**kwargs), draw(), atol=1e-5)
+    stock = draw()  # a null T5 runs over 256 positions and returns zeros
+    diffusers_logging.enable_propagation()  # so caplog sees diffusers' warnings
+    try:
+        with collapsed_generation(pipe) as kwargs:
+            assert kwargs["max_sequence_length"] == 1
+            fast = draw(**kwargs)
+        assert "truncated" not in caplog.text  # the null T5 is bypassed, not asked for one position
+        if null:  # the warning it would give otherwise (so the check above can fail)
+            pipe.encode_prompt(["two cats"], None, None, do_classifier_free_guidance=False, max_sequence_length=1)
+            assert "truncated" in caplog.text
+    finally:
+        diffusers_logging.disable_propagation()
+    assert torch.allclose(fast, stock, atol=1e-5)
+    if null:  # put back, and the pipeline's config still names it
+        assert pipe.text_encoder_3 is not None and pipe.config.text_encoder_3[0] is not None
 
 
 def test_custom_processors_are_kept_and_bad_arguments_named():

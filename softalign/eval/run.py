@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import collapsed_pipeline_kwargs
+from ..backbones import collapsed_generation
 from .report import caption, markdown_report, save_grid
 from .rules import evaluate_detections
 from .summary import result_row, summarize, write_results_jsonl
@@ -50,11 +50,11 @@ def run_evaluation(
     jobs = [(p, i, metadata) for p, (metadata, n) in enumerate(plan) for i in range(n)]
     rows, started, cpu_started = [], time.time(), time.process_time()
     bar = tqdm(total=len(jobs), desc="evaluating", disable=not progress, dynamic_ncols=True)
-    faster = collapsed_pipeline_kwargs(pipe)  # SD3 without T5: the same images, one zero row instead of 256
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + 1000 * p + i) for p, i, _ in batch]
-        with torch.no_grad():
+        # SD3 without T5: the same images, one zero row instead of 256
+        with torch.no_grad(), collapsed_generation(pipe) as faster:
             images = pipe(
                 [metadata["prompt"] for _, _, metadata in batch],
                 num_inference_steps=num_inference_steps,
