@@ -152,3 +152,46 @@ def test_custom_processors_are_kept_and_bad_arguments_named():
     with pytest.raises(ValueError, match="repeats"):
         CollapsedPadding(0)
     assert not install_collapsed_padding(tiny_transformer(dual_attention_layers=(0,)))
+
+
+class PlainJointAttention:
+    """diffusers' stock joint attention behind a class softalign does not recognise: the 256-row path stays."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        self.inner = JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+def test_trainers_on_a_t5_less_pipeline_match_the_stock_256_row_path(tmp_path):
+    from rl_fixtures import brightness, tiny_ddpo_config
+    from shapes_data import shapes_pairs
+
+    from softalign.config import SoftAlignConfig
+    from softalign.rl.ddpo_trainer import DDPOTrainer
+    from softalign.trainer import SoftAlignTrainer
+
+    runs = {}
+    for collapsed in (True, False):
+        pipe = without_t5(tiny_pipeline("sd3"))
+        if not collapsed:
+            pipe.transformer.set_attn_processor(PlainJointAttention())
+        args = SoftAlignConfig(output_dir=str(tmp_path / f"s{collapsed}"), max_steps=2, resolution=32, save_steps=0)
+        align = SoftAlignTrainer(pipe, args, shapes_pairs(8))
+        assert align.backbone.collapsed_padding == collapsed
+        align.train()
+        ddpo = DDPOTrainer(
+            tiny_ddpo_config(str(tmp_path / f"d{collapsed}"), num_epochs=1),
+            brightness,
+            lambda: ("a photo of two dogs", {}),
+            pipe,
+            soft_tokens=align.soft_tokens,
+        )
+        runs[collapsed] = (align.state.log_history, ddpo.train())
+    (align_fast, ddpo_fast), (align_stock, ddpo_stock) = runs[True], runs[False]
+    for fast, stock in zip(align_fast, align_stock, strict=True):
+        assert fast["loss"] == pytest.approx(stock["loss"], rel=1e-4)
+    assert ddpo_fast[0]["reward_mean"] == pytest.approx(ddpo_stock[0]["reward_mean"], rel=1e-4)
