@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -29,9 +30,12 @@ def load_pipeline(path: str):
 
     from diffusers import DiffusionPipeline
 
-    if not (Path(path) / "model_index.json").is_file():
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
         raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json).")
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    # components saved as null (e.g. an SD3 pipeline without T5): diffusers wants them passed as None explicitly
+    absent = {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[:1] == [None]}
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **absent)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

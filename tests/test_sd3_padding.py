@@ -195,3 +195,11 @@ def test_trainers_on_a_t5_less_pipeline_match_the_stock_256_row_path(tmp_path):
     for fast, stock in zip(align_fast, align_stock, strict=True):
         assert fast["loss"] == pytest.approx(stock["loss"], rel=1e-4)
     assert ddpo_fast[0]["reward_mean"] == pytest.approx(ddpo_stock[0]["reward_mean"], rel=1e-4)
+
+
+def test_a_pipeline_saved_without_t5_loads_through_softalign(tmp_path):
+    from softalign.cli import load_pipeline
+
+    without_t5(tiny_pipeline("sd3")).save_pretrained(tmp_path / "no-t5")
+    pipe = load_pipeline(str(tmp_path / "no-t5"))  # plain DiffusionPipeline.from_pretrained refuses the null T5
+    assert pipe.text_encoder_3 is None and backbone_for(pipe).collapsed_padding
