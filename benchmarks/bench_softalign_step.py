@@ -76,8 +76,8 @@ def naive_step(trainer, pairs, indices, t, noise, eps):
     injection, n = trainer.trainable.injection, latents.shape[0]
     total = 0.0
     for i in range(n):
-        group = (i // GROUP) * GROUP + torch.arange(GROUP)
-        label = torch.tensor([i % GROUP])
+        group = (i // GROUP) * GROUP + torch.arange(GROUP, device=device)
+        label = torch.tensor([i % GROUP], device=device)
         banks = (group != i).long()
         x = noisy[i : i + 1].expand(GROUP, -1, -1, -1)
         with injection.use_banks(banks):

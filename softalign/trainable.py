@@ -106,7 +106,7 @@ class TrainableState:
         with self._tokens(ema):
             if not self.adapters:
                 with self.injection.use_banks(banks):
-                    return predict(torch.arange(banks.shape[0]))
+                    return predict(torch.arange(banks.shape[0], device=banks.device))
             groups = [(b, (banks == b).nonzero()[:, 0]) for b in banks.unique().tolist()]
             outputs, order = [], []
             for bank, index in groups:

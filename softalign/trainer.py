@@ -214,7 +214,7 @@ class SoftAlignTrainer:
         n_images, group = latents.shape[0], a.negatives_per_positive + 1
         totals = {"loss": 0.0, "win_rate": 0.0, "weight_margin": 0.0, "reward_margin": 0.0}
         for start in range(0, n_images, a.chunk_size):
-            images = torch.arange(start, min(start + a.chunk_size, n_images))
+            images = torch.arange(start, min(start + a.chunk_size, n_images), device=device)
             loss, diagnostics = self._chunk_loss(images, group, noisy, target, t, conditioning, n_images)
             if collect is not None:
                 collect.append(loss * loss_scale)
@@ -227,7 +227,8 @@ class SoftAlignTrainer:
 
     def _chunk_loss(self, images, group, noisy, target, t, conditioning, n_images):
         a = self.args
-        candidates = (images // group)[:, None] * group + torch.arange(group)  # (n, K) caption rows of each image
+        # (n, K) caption rows of each image; every index lives on the denoiser's device, like the tensors it picks from
+        candidates = (images // group)[:, None] * group + torch.arange(group, device=images.device)
         labels = images % group
         image_rows = images[:, None].expand_as(candidates).reshape(-1)
         caption_rows = candidates.reshape(-1)
@@ -235,8 +236,8 @@ class SoftAlignTrainer:
         shape = (len(images), group, *noisy.shape[1:])
 
         def predict(index):
-            rows = image_rows[index].to(noisy.device)
-            cond = {k: v[caption_rows[index].to(v.device)] for k, v in conditioning.items()}
+            rows = image_rows[index]
+            cond = {k: v[caption_rows[index]] for k, v in conditioning.items()}
             with self.accelerator.autocast():
                 return self.backbone.predict(noisy[rows], t.expand(len(index)), cond).float()
 
