@@ -135,6 +135,10 @@ def cases(family: str, device: str):
     yield "ddpo with the alignment term alongside", ddpo_alongside
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else device
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl", "sd3"])
@@ -161,7 +165,9 @@ def main() -> None:
                 print(detail, flush=True)
                 results[-1]["error"] = detail
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "results": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"device": device_name(args.device), "torch": torch.__version__, "results": results}, indent=2)
+        )
     sys.exit(any(r["status"] != "ok" for r in results))
 
 
