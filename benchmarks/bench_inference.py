@@ -22,14 +22,14 @@ from softalign.testing import tiny_pipeline
 PROMPTS = ["a photo of a cat", "two red circles", "a blue square above a green triangle", "three stars"]
 
 
-def generate(pipe, size: int, steps: int) -> None:
+def generate(pipe, size: int, steps: int) -> None:  # output_type np copies to the host: a CUDA sync
     pipe(
         PROMPTS,
         num_inference_steps=steps,
         height=size,
         width=size,
         output_type="np",
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(pipe.device).manual_seed(0),
     )
 
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -54,7 +55,7 @@ def main() -> None:
     overrides = (
         {"sample_size": latent} if args.family != "sd3" else {"sample_size": latent, "pos_embed_max_size": latent}
     )
-    pipe = tiny_pipeline(args.family, **overrides)
+    pipe = tiny_pipeline(args.family, **overrides).to(args.device)
     config = SoftTokensConfig.for_family(args.family, dim=context_dim_of(pipe), init="normal")
     injection = attach_soft_tokens(pipe, SoftTokens(config))
     injection.detach()
@@ -79,7 +80,7 @@ def main() -> None:
     ratio = tuned / base
     print(
         f"\nsoft-token inference overhead: {args.family}, {args.size}x{args.size}, {args.steps} steps, "
-        f"{len(PROMPTS)} prompts, CFG on, {args.threads} threads, {args.repeats} repeats, torch {torch.__version__}"
+        f"{len(PROMPTS)} prompts, CFG on, {args.threads} threads, {args.device}, {args.repeats} repeats, torch {torch.__version__}"
     )
     print("| variant | median wall s | min wall s | CPU s (all repeats) |")
     print("|---|---|---|---|")
@@ -95,6 +96,7 @@ def main() -> None:
                     "steps": args.steps,
                     "repeats": args.repeats,
                     "threads": args.threads,
+                    "device": args.device,
                     "machine": platform.platform(),
                     "torch": torch.__version__,
                     "wall_seconds": times,
