@@ -7,6 +7,8 @@ def notebook(cells, path):
     nb = nbf.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbf.v4.new_markdown_cell(c[1]) if c[0] == "md" else nbf.v4.new_code_cell(c[1]) for c in cells]
+    for i, cell in enumerate(nb.cells):  # fixed ids, so that writing the notebooks again changes only what changed
+        cell.id = f"cell-{i}"
     nbf.write(nb, path)
 
 
@@ -134,11 +136,12 @@ notebook(
             "code",
             """from trl import DDPOConfig
 
-from softalign import SoftTokens, SoftTokensConfig
 from softalign.rl.trl import SoftAlignDDPOTrainer, SoftTokenDDPOStableDiffusionPipeline
+
 
 def reward_fn(images, prompts, metadata):  # the TRL contract; brightness keeps the demo cheap
     return images.float().mean(dim=(1, 2, 3)), {}
+
 
 def prompt_fn():
     return "a photo of three circles", {}

@@ -98,6 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
+        eta=args.eta,
         batch_size=args.batch_size,
         title=f"GenEval rules: {args.model}",
     )
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=42)
     evaluate.add_argument("--steps", type=int, default=20, help="Sampler steps.")
     evaluate.add_argument("--guidance-scale", type=float, default=7.5)
+    evaluate.add_argument(
+        "--eta", type=float, help="DDIM eta (pipelines with a DDIM scheduler; default 0); 1.0 is DDPO's sampler."
+    )
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--out", required=True, help="Run directory to write.")

@@ -115,3 +115,32 @@ def test_cli_eval_keeps_only_the_asked_tags(tmp_path):
     assert len(rows) == 3 and {row["tag"] for row in rows} == {"counting"}  # the 3 held-out counting prompts
     with pytest.raises(SystemExit, match="--tags shapes: no metadata line has these tags"):
         main([*flags, "--tags", "shapes", "--out", str(tmp_path / "none")])
+
+
+def test_cli_eval_samples_with_ddim_eta_and_refuses_it_without_ddim(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from softalign.cli import main
+    from softalign.eval.run import run_evaluation
+    from softalign.shapes.detector import ShapesDetector
+    from softalign.shapes.prompts import split_prompts
+    from softalign.testing import tiny_pipeline
+
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "model")
+    flags = ["eval", "--model", str(tmp_path / "model"), "--images-per-prompt", "1", "--steps", "2", "--threads", "1"]
+    for eta in ("0", "1"):
+        assert main([*flags, "--tags", "counting", "--eta", eta, "--out", str(tmp_path / f"eta{eta}")]) == 0
+        assert json.loads((tmp_path / f"eta{eta}" / "run.json").read_text())["eta"] == float(eta)
+    # eta 1 draws fresh noise at every step, so the same seeds give other images than deterministic DDIM
+    first = (tmp_path / "eta0" / "images" / "00000" / "samples" / "0000.png").read_bytes()
+    assert first != (tmp_path / "eta1" / "images" / "00000" / "samples" / "0000.png").read_bytes()
+    assert main([*flags, "--eta", "2", "--out", str(tmp_path / "bad")]) == 2
+    assert "eta must lie in [0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    plan = [(split_prompts("heldout")[0], 1)]
+    with pytest.raises(
+        ValueError, match="needs a pipeline that samples with DDIM; StableDiffusion3Pipeline samples with Flow"
+    ):
+        run_evaluation(tiny_pipeline("sd3"), plan, ShapesDetector.load(), tmp_path / "sd3", eta=1.0)
+    assert not (tmp_path / "sd3").exists()  # refused before anything was written

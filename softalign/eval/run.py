@@ -32,6 +32,7 @@ def run_evaluation(
     seed: int = 42,
     num_inference_steps: int = 20,
     guidance_scale: float = 7.5,
+    eta: float | None = None,
     batch_size: int = 32,
     grid_prompts: int = 12,
     grid_images: int = 4,
@@ -40,11 +41,15 @@ def run_evaluation(
 ) -> dict:
     """Draw `n` images for each `(metadata, n)` of `plan`, score them, and write the run directory.
 
+    `eta` (DDIM pipelines only; `None`: the pipeline's default, deterministic DDIM) samples with DDIM's noise, e.g.
+    `eta=1.0` to score a DDPO policy with the sampler it was trained with.
+
     Returns:
         `dict`: the [`summarize`] summary (also in `summary.json`).
     """
     from tqdm.auto import tqdm
 
+    sampler_options = {} if eta is None else {"eta": _checked_eta(pipe, eta)}
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(p, i, metadata) for p, (metadata, n) in enumerate(plan) for i in range(n)]
@@ -60,6 +65,7 @@ def run_evaluation(
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
+                **sampler_options,
                 **faster,
             ).images
         for (p, i, metadata), image in zip(batch, images, strict=True):
@@ -91,6 +97,7 @@ def run_evaluation(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "sampler": type(pipe.scheduler).__name__,
+        "eta": eta,
         "images": len(rows),
         "prompts": len(plan),
         "wall_seconds": round(time.time() - started, 1),
@@ -100,6 +107,22 @@ def run_evaluation(
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _checked_eta(pipe, eta: float) -> float:
+    """`eta` if `pipe` samples with DDIM, else a `ValueError` naming the pipeline and its scheduler (diffusers' other
+    schedulers would drop `eta` without a word)."""
+    import inspect
+
+    takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
+    if not takes_eta or "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+        raise ValueError(
+            f"eta={eta} needs a pipeline that samples with DDIM; {type(pipe).__name__} samples with "
+            f"{type(pipe.scheduler).__name__}, which has no eta."
+        )
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}.")
+    return float(eta)
 
 
 def _grid(out: Path, plan, rows, n_prompts: int, n_images: int) -> None:
