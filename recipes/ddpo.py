@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         help="Share of each trajectory's steps trained on (TRL's name: "
         "train_timestep_fraction); 0.25 at 20 steps trains as many steps as 0.5 at 10.",
     )
+    parser.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip (TRL's train_clip_range).")
     parser.add_argument(
         "--eta", type=float, default=1.0, help="DDIM eta while sampling (> 0: the log-probs need noise)."
     )
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         train_learning_rate=args.learning_rate,
         train_timestep_fraction=args.timestep_fraction,
         sample_eta=args.eta,
+        train_clip_range=args.clip_range,
         per_prompt_stat_tracking=True,
         per_prompt_stat_tracking_min_count=8,
         seed=args.seed,

@@ -136,7 +136,10 @@ def test_ddpo_and_dpo_recipes(tmp_path):
     flags = ["--model", model, "--out", str(counting), "--tags", "counting", "--train-lora", "--epochs", "1"]
     flags += ["--sample-steps", "2", "--batch-size", "2", "--train-batch-size", "1", "--guidance-scale", "1.5"]
     flags += ["--eval-every", "1", "--eval-images-per-prompt", "1", "--eval-steps", "2"]
+    flags += ["--timestep-fraction", "1.0", "--eta", "0.8", "--clip-range", "1e-3"]
     assert load("ddpo").main(flags) == 0
+    state = json.loads(next(counting.glob("checkpoint-*/trainer_state.json")).read_text())["config"]
+    assert (state["train_timestep_fraction"], state["sample_eta"], state["train_clip_range"]) == (1.0, 0.8, 1e-3)
     curve = [json.loads(line) for line in (counting / "heldout-curve.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in curve] == [0, 1] and all(0 <= row["counting"] <= 1 for row in curve)
     assert (counting / "heldout-curve.png").is_file() and (counting / "evals" / "epoch-001" / "summary.json").is_file()
