@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         "--timestep-fraction",
         type=float,
         default=0.5,
-        help="Share of each trajectory's steps trained on (TRL's name: "
-        "train_timestep_fraction); 0.25 at 20 steps trains as many steps as 0.5 at 10.",
+        help="Share of each trajectory's steps trained on (TRL's train_timestep_fraction); 0.25 at 20 steps trains "
+        "as many steps as 0.5 at 10.",
     )
     parser.add_argument("--clip-range", type=float, default=1e-4, help="PPO ratio clip (TRL's train_clip_range).")
     parser.add_argument(

@@ -114,8 +114,7 @@ def _checked_eta(pipe, eta: float) -> float:
     schedulers would drop `eta` without a word)."""
     import inspect
 
-    takes_eta = "eta" in inspect.signature(pipe.__call__).parameters
-    if not takes_eta or "eta" not in inspect.signature(pipe.scheduler.step).parameters:
+    if not all("eta" in inspect.signature(call).parameters for call in (pipe.__call__, pipe.scheduler.step)):
         raise ValueError(
             f"eta={eta} needs a pipeline that samples with DDIM; {type(pipe).__name__} samples with "
             f"{type(pipe.scheduler).__name__}, which has no eta."
