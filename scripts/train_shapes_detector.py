@@ -31,8 +31,9 @@ from softalign.shapes.render import SceneObject, _shape_polygon, render_scene  #
 from softalign.shapes.vocabulary import COLORS, SHAPES
 
 SS = 4  # supersampling of object masks, as the renderer
-ROUNDING = {"circle": 0.10, "square": 0.20, "triangle": 0.16, "star": 0.11}  # max corner blur, share of the side
-ROTATION = {"circle": 0.0, "square": 12.0, "triangle": 12.0, "star": 15.0}  # max degrees
+# Max corner blur (share of the side) and max rotation (degrees) of each shape as a small generator draws it.
+ROUNDING = {"circle": 0.10, "square": 0.20, "triangle": 0.16, "star": 0.11, "heart": 0.12, "cross": 0.12}
+ROTATION = {"circle": 0.0, "square": 12.0, "triangle": 12.0, "star": 15.0, "heart": 12.0, "cross": 12.0}
 JUNK = len(det.CLASSES) - 1
 
 

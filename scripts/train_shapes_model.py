@@ -13,7 +13,9 @@
 Resumable: every `--save-every` steps the full training state (weights, EMA, optimiser, step) is written atomically
 to `<run-dir>/<stage>-state.pt`, and re-running the same command continues from it. The EMA weights are exported as a
 `StableDiffusionPipeline` to `--out` every `--export-every` steps, so a usable model exists at any time. Data are
-shapes-world renders of the training split, drawn from a seed per step (a resumed run sees the same batches).
+shapes-world renders drawn from a seed per step (a resumed run sees the same batches): by default every
+combination with web-like caption noise (`--captions web --noise-level 1`, `softalign.shapes.captions`); the v1
+models used perfect captions of the training split (`--captions clean`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,16 @@ import torch.nn.functional as F
 
 from softalign.atomic import atomic_directory
 from softalign.sd3_padding import STOCK_T5_ROWS, collapse_zero_padding, null_t5_bypassed
+from softalign.shapes.captions import CaptionNoise
 from softalign.shapes.data import render_batch
+from softalign.shapes.vocabulary import WORLD_VERSION
 from softalign.testing.tokenizers import clip_tokenizer, t5_tokenizer
 
+DATA_DESCRIPTION = {
+    "web": "shapes world, every combination (held-out included), web-like noisy captions "
+    "(softalign.shapes.captions, rates in caption_noise), a tag uniformly then a prompt, seed = step",
+    "clean": "shapes world, training split (softalign.shapes.prompts.split_prompts('train')), seed = step",
+}
 TEXT_LENGTH = 24  # longest shapes-world caption is 14 CLIP tokens with BOS/EOS
 
 
@@ -221,7 +230,7 @@ def train_vae(args, vae, run_dir: Path):
     while step < args.vae_steps:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, warmup=100)
-        images, _, _ = render_batch(args.vae_batch, seed=10_000_000 + step, size=args.size)
+        images, _, _ = render_batch(args.vae_batch, seed=10_000_000 + step, split="web", size=args.size)
         posterior = vae.encode(images).latent_dist
         recon = vae.decode(posterior.sample()).sample
         kl = posterior.kl().mean() / images[0].numel()
@@ -330,7 +339,9 @@ def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
     while step < args.steps:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr)
-        images, captions, _ = render_batch(args.batch, seed=step, size=args.size, caption_dropout=0.1)
+        images, captions, _ = render_batch(
+            args.batch, seed=step, split=args.split, size=args.size, caption_dropout=0.1, noise=args.noise
+        )
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.sample()
             latents = (latents - (args.shift_factor if args.family == "sd3" else 0.0)) * args.scaling_factor
@@ -372,7 +383,10 @@ def card_of(args, step: int, seconds: float, run_dir: Path) -> dict:
         "batch": args.batch,
         "train_seconds": round(seconds, 1),
         "threads": args.threads,
-        "data": "shapes world, training split (softalign.shapes.prompts.split_prompts('train')), seed = step",
+        "world": WORLD_VERSION,
+        "data": DATA_DESCRIPTION[args.captions],
+        "caption_noise": {"level": args.noise_level, **args.noise.to_dict()} if args.noise else None,
+        "caption_dropout": 0.1,
         "vae_steps": args.vae_steps,
         "shift_factor": args.shift_factor,
         "scaling_factor": args.scaling_factor,
@@ -395,6 +409,22 @@ def main():
     parser.add_argument(
         "--restart-schedule", action="store_true", help="With --init-from: count steps (and the lr schedule) from 0."
     )
+    parser.add_argument(
+        "--captions",
+        default="web",
+        choices=["web", "clean"],
+        help="web: every combination with web-like caption noise (softalign.shapes.captions); "
+        "clean: perfect captions of the training split only (the v1 regime).",
+    )
+    parser.add_argument(
+        "--noise-level", type=float, default=1.0, help="With --captions web: CaptionNoise.at_level(level)."
+    )
+    parser.add_argument(
+        "--retrain-vae",
+        action="store_true",
+        help="With --init-from: fine-tune the exported VAE for --vae-steps on the current world's renders first "
+        "(a VAE trained on another vocabulary cannot draw its new shapes and colours).",
+    )
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=16)
@@ -413,12 +443,16 @@ def main():
     run_dir, out = Path(args.run_dir), Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained, frozen = build_models(args)
-    if args.init_from:  # the exported VAE is the trained one
+    args.split = "web" if args.captions == "web" else "train"
+    args.noise = CaptionNoise.at_level(args.noise_level) if args.captions == "web" else None
+    if args.vae_from:
+        frozen["vae"].load_state_dict(load_state(Path(args.vae_from))["vae"])
+    elif args.init_from:  # the exported VAE is the trained one, or the start of a fine-tune
         from diffusers import AutoencoderKL
 
         frozen["vae"].load_state_dict(AutoencoderKL.from_pretrained(Path(args.init_from) / "vae").state_dict())
-    elif args.vae_from:
-        frozen["vae"].load_state_dict(load_state(Path(args.vae_from))["vae"])
+        if args.retrain_vae:
+            train_vae(args, frozen["vae"], run_dir)
     else:
         train_vae(args, frozen["vae"], run_dir)
     frozen["vae"].requires_grad_(False).eval()

@@ -110,7 +110,9 @@ def _compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from .eval.paired import paired_tests
     from .eval.report import compare
+    from .eval.summary import read_results_jsonl
 
     summaries = {}
     for run in args.runs:
@@ -118,7 +120,22 @@ def _compare(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{run} has no summary.json (expected a `softalign eval` output directory).")
         summaries[Path(run).name] = json.loads(path.read_text())
-    table = compare(summaries)
+    paired = None
+    if all((Path(run) / "results.jsonl").is_file() for run in args.runs):
+        seeds = {
+            json.loads((Path(run) / "run.json").read_text()).get("seed")
+            for run in args.runs
+            if (Path(run) / "run.json").is_file()
+        }
+        if len(seeds) > 1:
+            print(f"not paired: the runs used different seeds {sorted(map(str, seeds))}; showing intervals only")
+        else:
+            base = read_results_jsonl(Path(args.runs[0]) / "results.jsonl")
+            paired = {
+                Path(run).name: paired_tests(base, read_results_jsonl(Path(run) / "results.jsonl"))
+                for run in args.runs[1:]
+            }
+    table = compare(summaries, paired)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")

@@ -112,7 +112,7 @@ def test_cli_eval_keeps_only_the_asked_tags(tmp_path):
     flags = ["eval", "--model", str(tmp_path / "model"), "--images-per-prompt", "1", "--steps", "2", "--threads", "1"]
     assert main([*flags, "--tags", "counting", "--out", str(tmp_path / "run")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and {row["tag"] for row in rows} == {"counting"}  # the 3 held-out counting prompts
+    assert len(rows) == 9 and {row["tag"] for row in rows} == {"counting"}  # the 9 held-out counting prompts
     with pytest.raises(SystemExit, match="--tags shapes: no metadata line has these tags"):
         main([*flags, "--tags", "shapes", "--out", str(tmp_path / "none")])
 

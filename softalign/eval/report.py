@@ -110,7 +110,7 @@ def _change(base: float | None, value: float | None) -> tuple[str, str]:
     return points, relative
 
 
-def compare(summaries: Mapping[str, Mapping]) -> str:
+def compare(summaries: Mapping[str, Mapping], paired: Mapping[str, Mapping] | None = None) -> str:
     """Markdown table of several runs' [`summarize`] results side by side.
 
     The first run is the baseline; every later run gets its accuracy, the change in absolute percentage points
@@ -118,6 +118,8 @@ def compare(summaries: Mapping[str, Mapping]) -> str:
 
     Args:
         summaries (`Mapping[str, Mapping]`): run name -> summary, in display order.
+        paired (`Mapping[str, Mapping]`, *optional*): run name -> [`paired_tests`] of the baseline's rows against
+            that run's (same prompts and seeds); adds McNemar's exact p-value beside each change.
     """
     if not summaries:
         raise ValueError("compare: summaries is empty; expected {run name: summarize(rows)} for at least one run")
@@ -125,7 +127,7 @@ def compare(summaries: Mapping[str, Mapping]) -> str:
     tags = list(dict.fromkeys(tag for s in summaries.values() for tag in s["tags"]))
     header = ["tag", names[0]]
     for name in names[1:]:
-        header += [name, "Δ pts", "Δ rel"]
+        header += [name, "Δ pts", "Δ rel"] + (["p (McNemar)"] if paired and name in paired else [])
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
 
     def accuracy(summary: Mapping, tag: str | None) -> float | None:
@@ -139,8 +141,23 @@ def compare(summaries: Mapping[str, Mapping]) -> str:
         for name in names[1:]:
             value = accuracy(summaries[name], tag)
             cells += ["–" if value is None else _pct(value), *_change(base, value)]
+            if paired and name in paired:
+                test = paired[name].get("all" if tag is None else tag)
+                cells.append("–" if test is None else _p_value(test))
         lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        lines += [
+            "",
+            "p: McNemar's exact test on the per-image verdicts against the first run (same prompts and seeds); "
+            "on the overall row, over all images pooled.",
+        ]
     return "\n".join(lines)
+
+
+def _p_value(test: Mapping) -> str:
+    p = test["p"]
+    text = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return f"{text} ({test['only_a']}/{test['only_b']})"
 
 
 def caption(row: Mapping) -> str:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .captions import CaptionNoise, noisy_caption, web_lines
 from .prompts import split_prompts
 from .render import render_scene
 from .vocabulary import TAGS
@@ -36,20 +37,32 @@ def count_group(rng: np.random.Generator, lines: list[dict], size: int = 4) -> l
 
 
 def render_batch(
-    batch_size: int, seed: int, split: str = "train", size: int = 64, caption_dropout: float = 0.0
+    batch_size: int,
+    seed: int,
+    split: str = "train",
+    size: int = 64,
+    caption_dropout: float = 0.0,
+    noise: CaptionNoise | None = None,
 ) -> tuple[torch.Tensor, list[str], list[dict]]:
     """A deterministic batch: images in [-1, 1] `(batch, 3, size, size)`, captions and metadata lines.
 
-    The same `seed` always gives the same batch, so a resumed training run sees exactly the data it would have seen.
+    `split` is `"train"` (the curated post-training set: clean captions of the training split), `"heldout"`, or
+    `"web"`: every combination, held-out ones included, with captions corrupted by `noise` (web-like pretraining;
+    `softalign.shapes.captions`). The same `seed` always gives the same batch, so a resumed training run sees
+    exactly the data it would have seen.
     """
+    if noise is not None and split != "web":
+        raise ValueError(f"Caption noise applies to the 'web' split only; got split={split!r} with noise.")
     rng = np.random.default_rng(seed)
-    lines = split_prompts(split)
+    lines = web_lines() if split == "web" else split_prompts(split)
+    noise = noise or CaptionNoise()
     images, captions, metadata = [], [], []
     for _ in range(batch_size):
         line = sample_metadata(rng, lines)
         image, _ = render_scene(line, rng, size=size)
         images.append(pil_to_tensor(image))
-        captions.append("" if rng.random() < caption_dropout else line["prompt"])
+        caption = noisy_caption(line, noise, rng) if split == "web" else line["prompt"]
+        captions.append("" if rng.random() < caption_dropout else caption)
         metadata.append(line)
     return torch.stack(images), captions, metadata
 

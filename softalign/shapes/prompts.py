@@ -1,13 +1,17 @@
 """Every shapes-world prompt in GenEval's metadata format (as `prompts/create_prompts.py` writes them), and the split.
 
-The held-out split holds combinations that training and post-training never see, balanced so every group keeps one:
-- counting: for each asked count (2, 3, 4), one shape;
-- two_object: for each first object, one second object;
-- colors: for each shape, one colour;
-- position: for each ordered pair of shapes, one relation;
-- color_attr: for each ordered pair of shapes, a quarter of the colour pairs.
-single_object has nothing to combine: its four prompts are both trained on and evaluated (GenEval's sanity tag).
-Which member of a group is held out is fixed by an MD5 rank of the prompt, so the split never changes.
+The held-out split holds combinations that post-training never sees, balanced so every group keeps some (v2 world:
+six shapes, six colours; at least 8 held-out prompts for every tag but single_object):
+- counting: for each asked count (2, 3, 4), half the shapes (9 prompts);
+- two_object: for each first object, two of the five second objects (12);
+- colors: for each shape, two of the six colours (12);
+- position: for each ordered pair of shapes, one relation (30);
+- color_attr: for each ordered pair of shapes, a quarter of the colour pairs (270).
+single_object has nothing to combine: its six prompts are both trained on and evaluated (GenEval's sanity tag).
+Which members of a group are held out is fixed by an MD5 rank of the prompt, so the split never changes.
+Pretraining of the shipped models sees every combination, held-out ones included, under web-like caption noise
+(`softalign.shapes.captions`); post-training (stage 1, fine-tuning, RL prompts, preference pairs) sees only the
+clean captions of the training split.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import itertools
 import math
 
 from .vocabulary import COLORS, EVAL_COUNTS, NUMBER_WORDS, PLURALS, RELATIONS, SHAPES, TAGS, TRAIN_COUNTS, article
+
+# The share of each group's prompts that is held out (rounded up): see the module docstring.
+HELD_OUT_SHARE = {"count": 1 / 2, "two": 2 / 5, "color": 1 / 3, "position": 1 / 4, "color_attr": 1 / 4}
 
 
 def _line(tag: str, include: list[dict], prompt: str, exclude: list[dict] | None = None) -> dict:
@@ -71,7 +78,7 @@ def _held_out(lines: list[tuple[str, dict]]) -> set[str]:
         if key.startswith("single:") or key == "count:5":
             continue  # nothing to combine / a training-only count
         ranked = sorted(members, key=lambda line: _rank(line["prompt"]))
-        n_held = 1 if not key.startswith("color_attr:") else math.ceil(len(ranked) / 4)
+        n_held = math.ceil(len(ranked) * HELD_OUT_SHARE[key.split(":")[0]])
         held.update(line["prompt"] for line in ranked[:n_held])
     return held
 

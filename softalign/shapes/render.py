@@ -40,6 +40,21 @@ def _shape_polygon(label: str, cx: float, cy: float, half: float) -> list[tuple[
             angle = -math.pi / 2 + k * math.pi / 5
             points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle) + 0.1 * half))
         return points
+    if label == "cross":  # a plus sign, arms a third of the side wide
+        w = half / 3
+        return [
+            (cx - w, cy - half), (cx + w, cy - half), (cx + w, cy - w), (cx + half, cy - w),
+            (cx + half, cy + w), (cx + w, cy + w), (cx + w, cy + half), (cx - w, cy + half),
+            (cx - w, cy + w), (cx - half, cy + w), (cx - half, cy - w), (cx - w, cy - w),
+        ]  # fmt: skip
+    if label == "heart":  # the classic parametric heart, scaled to fill the box (point down)
+        points = []
+        for k in range(48):
+            a = 2 * math.pi * k / 48
+            x = 16 * math.sin(a) ** 3
+            y = 13 * math.cos(a) - 5 * math.cos(2 * a) - 2 * math.cos(3 * a) - math.cos(4 * a)
+            points.append((cx + half * x / 16.5, cy - half * (y + 2.5) / 14.5))
+        return points
     return None  # circle
 
 
