@@ -3,16 +3,22 @@
 Encoding (VAE and text encoders) dominates the official pipelines' cost; the soft-token step needs only latents and
 conditioning. Layout under `cache_dir/<fingerprint>/`:
 
-- `images-NNNNN.safetensors`: `latent_mean`, `latent_std` (already shifted and scaled like the pipeline's latents;
-  a training step draws `mean + std * noise`, the VAE posterior sample the official code uses);
-- `captions-NNNNN.safetensors`: the pipeline's conditioning per unique caption (`prompt_embeds`, and for SDXL / SD3
-  `pooled_prompt_embeds`);
-- `index.json`: which example key and caption live in which shard row.
+- `images-<writer>.safetensors`: `latent_mean`, `latent_std` (already shifted and scaled like the pipeline's
+  latents; a training step draws `mean + std * noise`, the VAE posterior sample the official code uses);
+- `captions-<writer>.safetensors`: the pipeline's conditioning per unique caption (`prompt_embeds`, and for SDXL /
+  SD3 `pooled_prompt_embeds`);
+- `index.json`: which example key and caption live in which shard (by file name) and row.
 
 The fingerprint hashes the VAE and text-encoder weights, the tokenizers' vocabularies, the family, the resolution,
 the crop and (when it is not the pipeline's own) the conditioning layout, so a changed model or preprocessing never
-reuses stale entries. Shards and the index are written to a temporary name and renamed, so an interrupted encode
-never leaves a half-written cache.
+reuses stale entries.
+
+Many runs can share one cache at once. Each encode writes its shards under a name no other writer can take (a random
+128-bit token), each to a temporary name of its own first; then, under an exclusive lock on `index.lock`, it reads
+the index as it is on disk now, adds its entries (entries another run wrote meanwhile are kept) and replaces
+`index.json` through a temporary file of its own. Readers only ever see a whole index whose shards are complete. A
+process killed mid-encode leaves at most unreferenced shard files (ignored, and their names never reused), never a
+broken index. Indexes of the first format (numbered shards) are read as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,17 +113,22 @@ class EncodingCache:
     def _read_index(self) -> dict:
         path = self.root / "index.json"
         if not path.is_file():
-            return {"images": {}, "captions": {}, "shards": 0}
+            return _empty_index()
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
             for kind in ("images", "captions"):
-                for shard in {row[0] for row in index[kind].values()}:
-                    if not (self.root / f"{kind}-{shard:05d}.safetensors").is_file():
-                        raise ValueError(f"missing {kind}-{shard:05d}.safetensors")
-            return index
-        except (ValueError, KeyError, TypeError, IndexError) as error:
+                # The first format numbered shards (`images-00000`); entries now name their shard file.
+                index[kind] = {
+                    key: [f"{kind}-{row[0]:05d}.safetensors" if isinstance(row[0], int) else str(row[0]), int(row[1])]
+                    for key, row in index[kind].items()
+                }
+                for name in {row[0] for row in index[kind].values()}:
+                    if not (self.root / name).is_file():
+                        raise ValueError(f"missing {name}")
+            return {"format": INDEX_FORMAT, "images": index["images"], "captions": index["captions"]}
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
             warnings.warn(f"Ignoring the unreadable cache index {path} ({error}); re-encoding.", stacklevel=2)
-            return {"images": {}, "captions": {}, "shards": 0}
+            return _empty_index()
 
     def encode(self, examples: list[Example], skip_bad_images: bool = False, batch_size: int = 16) -> EncodedData:
         """Encode what is missing, write it as one new shard, and return every usable example's encodings."""
@@ -151,24 +165,28 @@ class EncodingCache:
     def _write_shard(self, images, captions) -> None:
         from safetensors.torch import save_file
 
-        shard = self.index["shards"]
-        index = json.loads(json.dumps(self.index))
+        writer = secrets.token_hex(16)  # no other process, run or retry can pick the same shard names
+        entries: dict[str, dict] = {"images": {}, "captions": {}}
         if images:
             tensors = {
                 "latent_mean": torch.stack([m for _, m, _ in images]).contiguous(),
                 "latent_std": torch.stack([s for _, _, s in images]).contiguous(),
             }
-            _atomic_save(save_file, tensors, self.root / f"images-{shard:05d}.safetensors")
-            index["images"].update({key: [shard, row] for row, (key, _, _) in enumerate(images)})
+            name = f"images-{writer}.safetensors"
+            _atomic_save(save_file, tensors, self.root / name)
+            entries["images"] = {key: [name, row] for row, (key, _, _) in enumerate(images)}
         if captions:
             names = captions[0][1].keys()
             tensors = {n: torch.stack([c[n] for _, c in captions]).contiguous() for n in names}
-            _atomic_save(save_file, tensors, self.root / f"captions-{shard:05d}.safetensors")
-            index["captions"].update({caption: [shard, row] for row, (caption, _) in enumerate(captions)})
-        index["shards"] = shard + 1
-        tmp = self.root / "index.json.tmp"
-        tmp.write_text(json.dumps(index), encoding="utf-8")
-        os.replace(tmp, self.root / "index.json")
+            name = f"captions-{writer}.safetensors"
+            _atomic_save(save_file, tensors, self.root / name)
+            entries["captions"] = {caption: [name, row] for row, (caption, _) in enumerate(captions)}
+        with _index_lock(self.root):
+            index = self._read_index()  # as it is now: other runs may have added entries since this one read it
+            for kind in ("images", "captions"):
+                for key, row in entries[kind].items():
+                    index[kind].setdefault(key, row)  # an entry already there encodes the same content
+            _atomic_write_text(self.root / "index.json", json.dumps(index))
         self.index = index
 
     def _load(self, examples: list[Example], stats: CacheStats) -> EncodedData:
@@ -176,8 +194,7 @@ class EncodingCache:
 
         shards: dict[str, dict] = {}
 
-        def shard(kind, number):
-            name = f"{kind}-{number:05d}.safetensors"
+        def shard(name):
             if name not in shards:
                 shards[name] = load_file(self.root / name)
             return shards[name]
@@ -186,15 +203,15 @@ class EncodingCache:
             raise ValueError(f"No usable training images ({len(stats.skipped)} skipped as unreadable).")
         means, stds = [], []
         for example in examples:
-            number, row = self.index["images"][example.key]
-            tensors = shard("images", number)
+            name, row = self.index["images"][example.key]
+            tensors = shard(name)
             means.append(tensors["latent_mean"][row])
             stds.append(tensors["latent_std"][row])
         captions = sorted({e.caption for e in examples})
         caption_row = {c: i for i, c in enumerate(captions)}
         rows = [self.index["captions"][c] for c in captions]
-        names = list(shard("captions", rows[0][0]).keys())
-        conditioning = {n: torch.stack([shard("captions", s)[n][r] for s, r in rows]) for n in names}
+        names = list(shard(rows[0][0]).keys())
+        conditioning = {n: torch.stack([shard(s)[n][r] for s, r in rows]) for n in names}
         return EncodedData(
             latent_mean=torch.stack(means),
             latent_std=torch.stack(stds),
@@ -206,7 +223,51 @@ class EncodingCache:
         )
 
 
+INDEX_FORMAT = 2
+
+
+def _empty_index() -> dict:
+    return {"format": INDEX_FORMAT, "images": {}, "captions": {}}
+
+
+@contextmanager
+def _index_lock(root: Path):
+    """An exclusive lock on `root/index.lock` between processes (released by the OS if the holder dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer at a time is then the caller's business
+        yield
+        return
+    with open(root / "index.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _temporary_twin(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = _temporary_twin(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _atomic_save(save_file, tensors, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    tmp = _temporary_twin(path)
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
