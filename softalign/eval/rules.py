@@ -152,6 +152,22 @@ def _color_of(detection: Detection, image, color_classifier: ColorClassifier | N
     return color
 
 
+def _colors_of(found: list[Detection], image, color_classifier, clause: dict) -> list[str]:
+    # A classifier with `classify(image, detections)` (e.g. CLIPColorClassifier) names all unknown colours at once.
+    unknown = [obj for obj in found if obj.color is None]
+    if not unknown or not hasattr(color_classifier, "classify"):
+        return [_color_of(obj, image, color_classifier, clause) for obj in found]
+    named = list(color_classifier.classify(image, unknown))
+    if len(named) != len(unknown):
+        raise ValueError(f"color_classifier.classify returned {len(named)} colours for {len(unknown)} detections")
+    named.reverse()
+    colors = [obj.color if obj.color is not None else named.pop() for obj in found]
+    for color, obj in zip(colors, found, strict=True):
+        if not isinstance(color, str) or not color:
+            raise ValueError(f"color_classifier.classify must return colour names (str), got {color!r} for {obj!r}")
+    return colors
+
+
 def _color_reason(clause: dict, colors: list[str]) -> str:
     wanted, name, count = clause["color"], clause["class"], clause["count"]
     # GenEval lists the counts in its COLORS order; colours outside its ten (shapes world) follow, sorted.
@@ -196,7 +212,7 @@ def evaluate_detections(
             reasons.append(f"expected {name}>={count}, found {len(found)}")
         else:
             if "color" in clause:
-                colors = [_color_of(obj, image, color_classifier, clause) for obj in found]
+                colors = _colors_of(found, image, color_classifier, clause)
                 if colors.count(clause["color"]) < count:
                     matched = False
                     reasons.append(_color_reason(clause, colors))
