@@ -17,7 +17,7 @@ from softalign.eval.geneval_folder import (
     read_geneval_folder,
     score_geneval_folder,
 )
-from softalign.eval.metrics import mean_interval
+from softalign.eval.metrics import compare_metrics, load_captions, mean_interval
 from softalign.testing import tiny_pipeline
 from softalign.testing.models import tiny_clip, tiny_mask2former
 
@@ -173,3 +173,60 @@ def test_mean_interval():
     s = mean_interval([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0
     assert s["ci95"] == pytest.approx([2 - 1.96 / 3**0.5, 2 + 1.96 / 3**0.5])
+
+
+def test_captions_files(tmp_path):
+    (tmp_path / "c.txt").write_text("a cat on a mat\n\n  two dogs  \n")
+    assert load_captions(tmp_path / "c.txt") == ["a cat on a mat", "two dogs"]
+    (tmp_path / "c.jsonl").write_text('{"caption": "a cat"}\n"two dogs"\n{"image_id": 3, "text": "a bus"}\n')
+    assert load_captions(tmp_path / "c.jsonl") == ["a cat", "two dogs", "a bus"]
+    (tmp_path / "broken.jsonl").write_text('{"caption": "a cat"}\n{"caption": "two\n')
+    with pytest.raises(ValueError, match="broken.jsonl, line 2: broken JSON"):
+        load_captions(tmp_path / "broken.jsonl")
+    (tmp_path / "nokey.jsonl").write_text('{"image_id": 3}\n')
+    with pytest.raises(ValueError, match="nokey.jsonl, line 1: expected a JSON string or an object"):
+        load_captions(tmp_path / "nokey.jsonl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_captions(tmp_path / "missing.txt")
+
+
+def test_coco_protocol_metrics_side_by_side(models, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat on a mat\ntwo dogs in a park\n")
+    flags = [
+        "eval",
+        "--model",
+        str(models / "pipe"),
+        "--captions",
+        str(captions),
+        "--metric",
+        f"clip={models / 'clip'}",
+    ]
+    flags += ["--metric", f"hps={models / 'clip'}", "--images-per-prompt", "2", "--steps", "2"]
+    assert main([*flags, "--out", str(tmp_path / "base")]) == 0
+    assert main([*flags, "--guidance-scale", "2", "--out", str(tmp_path / "other")]) == 0
+    assert json.loads((tmp_path / "base" / "images" / "00001" / "metadata.jsonl").read_text()) == {
+        "prompt": "two dogs in a park"
+    }
+    assert not (tmp_path / "base" / "results.jsonl").exists()  # no GenEval rules for captions
+    table = compare_metrics({"base": tmp_path / "base", "other": tmp_path / "other"})
+    assert table.splitlines()[0] == "| metric | base | other | Δ (paired 95%) |"
+    assert "(n=4)" in table and table.count("\n| ") == 2  # clip and hps rows, 4 paired images
+    # metrics alone on an existing folder need only the prompts
+    assert (
+        main(
+            [
+                "eval",
+                "--images",
+                str(tmp_path / "base" / "images"),
+                "--metric",
+                f"clip={models / 'clip'}",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl is missing"):
+        compare_metrics({"x": tmp_path})
+    assert main([*flags, "--detector", f"mask2former={models / 'mask2former'}", "--out", str(tmp_path / "bad")]) == 2

@@ -83,6 +83,7 @@ def generate_geneval_folder(
     batch_size: int = 8,
     eta: float | None = None,
     progress: bool = True,
+    geneval: bool = True,
 ) -> dict:
     """Draw the images of every metadata line into GenEval's layout; images already there are kept, not redrawn.
 
@@ -94,6 +95,8 @@ def generate_geneval_folder(
         batch_size (`int`, *optional*, defaults to 8): images per pipeline call.
         eta (`float`, *optional*): DDIM's eta, for DDIM pipelines.
         progress (`bool`, *optional*): show a progress bar.
+        geneval (`bool`, *optional*, defaults to `True`): check every line as GenEval metadata; `False` for caption
+            prompts (`{"prompt": caption}`, the COCO protocol), scored by reward metrics only.
 
     Returns:
         `dict`: `written` and `kept` image counts, and the run settings.
@@ -107,7 +110,7 @@ def generate_geneval_folder(
     root = Path(images_dir)
     jobs = []
     for p, line in enumerate(metadata):
-        validate_metadata(line, source=f"metadata[{p}]")
+        _check_line(line, f"metadata[{p}]", geneval)
         folder = root / f"{p:05d}"
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         _write_metadata(folder, line)
@@ -148,9 +151,18 @@ def generate_geneval_folder(
     }
 
 
-def read_geneval_folder(images_dir: str | os.PathLike) -> list[tuple[dict, list[Path]]]:
+def _check_line(line, where: str, geneval: bool) -> dict:
+    if geneval:
+        return validate_metadata(line, source=where)
+    if not isinstance(line, dict) or not isinstance(line.get("prompt"), str) or not line["prompt"].strip():
+        raise ValueError(f"{where}: expected an object with a non-empty 'prompt' string, got {line!r}")
+    return line
+
+
+def read_geneval_folder(images_dir: str | os.PathLike, geneval: bool = True) -> list[tuple[dict, list[Path]]]:
     """The prompts of a GenEval-layout folder: `(metadata, sorted sample paths)` per numbered subfolder, in number
-    order. Subfolders whose name is not a number are skipped, as GenEval does.
+    order. Subfolders whose name is not a number are skipped, as GenEval does. With `geneval=False` a metadata
+    line only needs a `prompt` (caption folders of the COCO protocol).
 
     Raises:
         `FileNotFoundError` / `ValueError`: not GenEval's layout, naming the folder or file and what was expected.
@@ -177,7 +189,13 @@ def read_geneval_folder(images_dir: str | os.PathLike) -> list[tuple[dict, list[
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if len(lines) != 1:
             raise ValueError(f"{path}: expected one JSON metadata object, got {len(lines)} non-blank lines")
-        metadata = parse_metadata_line(lines[0], source=str(path), line=1)
+        if geneval:
+            metadata = parse_metadata_line(lines[0], source=str(path), line=1)
+        else:
+            try:
+                metadata = _check_line(json.loads(lines[0]), f"{path}, line 1", geneval=False)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line 1: broken JSON ({error.msg} at column {error.colno})") from None
         samples = folder / "samples"
         if not samples.is_dir():
             raise FileNotFoundError(f"{samples} is missing; expected the prompt's images as samples/<0000>.png")

@@ -22,7 +22,7 @@ def mean_interval(values: list[float], z: float = 1.96) -> dict:
 
 
 def score_metrics(
-    images_dir: str | os.PathLike, scorers: dict, out: str | os.PathLike, batch_size: int = 16
+    images_dir: str | os.PathLike, scorers: dict, out: str | os.PathLike, batch_size: int = 16, geneval: bool = True
 ) -> dict[str, dict]:
     """Score every image of a GenEval-layout folder with each scorer's `metric` (PIL path, exact preprocessing).
 
@@ -34,12 +34,13 @@ def score_metrics(
         scorers (`dict`): metric name -> a [`Scorer`] (e.g. `{"clip": CLIPScore.from_pretrained(...)}`).
         out (`str` or `os.PathLike`): the run directory.
         batch_size (`int`, *optional*, defaults to 16): images per scorer call.
+        geneval (`bool`, *optional*, defaults to `True`): the folder's metadata are GenEval lines (`False`: captions).
     """
     root, out = Path(images_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = [
         (os.path.join(str(root), path.parent.parent.name, "samples", path.name), metadata["prompt"], path)
-        for metadata, paths in read_geneval_folder(root)
+        for metadata, paths in read_geneval_folder(root, geneval=geneval)
         for path in paths
     ]
     rows = [{"filename": filename, "prompt": prompt} for filename, prompt, _ in items]
@@ -64,3 +65,80 @@ def metrics_table(summary: dict[str, dict]) -> str:
         low, high = s["ci95"]
         lines.append(f"| {name} | {s['n']} | {s['mean']:.4f} | [{low:.4f}, {high:.4f}] |")
     return "\n".join(lines)
+
+
+def load_captions(path: str | os.PathLike) -> list[str]:
+    """Captions for the COCO protocol: a `.jsonl` file (one JSON object a line with a `caption`, `prompt` or `text`
+    string, or a JSON string) or a text file (one caption a line). Blank lines are skipped; errors name the file and
+    the 1-based line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file {path} does not exist; expected one caption a line, or JSONL")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+    captions = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        if path.suffix != ".jsonl":
+            captions.append(text.strip())
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: broken JSON ({error.msg} at column {error.colno})") from None
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("caption", "prompt", "text") if k in value), None)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON string or an object with a non-empty 'caption', 'prompt' "
+                f"or 'text', got {text.strip()[:80]!r}"
+            )
+        captions.append(value.strip())
+    if not captions:
+        raise ValueError(f"{path}: no captions; expected one caption a line (or JSONL)")
+    return captions
+
+
+def compare_metrics(runs: dict[str, str | os.PathLike], z: float = 1.96) -> str:
+    """Markdown table of several runs' metrics side by side; the first run is the baseline.
+
+    Runs drawn from the same captions and seeds are paired image by image (`filename` inside the run's images
+    folder), so each later run also gets the mean paired difference and its 95% interval, which is much tighter
+    than the difference of two independent intervals.
+
+    Args:
+        runs (`dict`): run name -> a run directory holding `metrics.jsonl` (from [`score_metrics`]).
+    """
+    tables = {}
+    for name, folder in runs.items():
+        path = Path(folder) / "metrics.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; expected a run directory written with --metric")
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        tables[name] = {_image_key(row["filename"]): row for row in rows}
+    names = list(tables)
+    base = tables[names[0]]
+    metrics = [k for k in next(iter(base.values())) if k not in ("filename", "prompt")]
+    header = ["metric", names[0]] + [f"{n} | Δ (paired 95%)" for n in names[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|---|" * (len(names) - 1)]
+    for metric in metrics:
+        b = mean_interval([row[metric] for row in base.values()], z)
+        cells = [metric, f"{b['mean']:.4f} [{b['ci95'][0]:.4f}, {b['ci95'][1]:.4f}]"]
+        for name in names[1:]:
+            other = tables[name]
+            o = mean_interval([row[metric] for row in other.values()], z)
+            shared = sorted(set(base) & set(other))
+            d = mean_interval([other[k][metric] - base[k][metric] for k in shared], z) if shared else None
+            delta = "–" if d is None else f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] (n={d['n']})"
+            cells += [f"{o['mean']:.4f} [{o['ci95'][0]:.4f}, {o['ci95'][1]:.4f}]", delta]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _image_key(filename: str) -> str:
+    parts = Path(filename).parts
+    return "/".join(parts[-3:])  # <00000>/samples/<0000>.png, the same in every run

@@ -41,12 +41,17 @@ def add_real_eval_args(parser: argparse.ArgumentParser) -> None:
         help="NAME=DIR, repeatable: also score every image with a reward model (clip, pickscore, hps, "
         "aesthetic=CLIP_DIR); writes metrics.jsonl and metrics.json.",
     )
+    group.add_argument(
+        "--captions",
+        help="The papers' COCO protocol: draw images for these captions (one a line, or JSONL with 'caption') "
+        "and score them with --metric only (no GenEval rules).",
+    )
     group.add_argument("--aesthetic-head", help="LAION aesthetic head (.pth / .safetensors) for --metric aesthetic.")
     group.add_argument("--device", help="Device for the models, e.g. cuda (default: cpu).")
 
 
 def wants_real_eval(args: argparse.Namespace) -> bool:
-    return bool(args.detector or args.images or args.metric)
+    return bool(args.detector or args.images or args.metric or args.captions)
 
 
 def _detector(spec: str, device):
@@ -86,7 +91,7 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
     import the command line back)."""
     from .geneval_folder import generate_geneval_folder, geneval_protocol, score_geneval_folder
     from .metadata import load_metadata
-    from .metrics import metrics_table, score_metrics
+    from .metrics import load_captions, metrics_table, score_metrics
     from .summary import format_summary
 
     out = Path(args.out)
@@ -99,12 +104,21 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
     scorers = _scorers(args.metric, args.aesthetic_head, args.device)
     if detector is None and not scorers:
         raise ValueError("--images needs --detector mask2former=DIR (GenEval's rules) and/or --metric NAME=DIR")
+    if args.captions and (detector is not None or not scorers):
+        raise ValueError("--captions is scored with --metric NAME=DIR only (captions carry no GenEval metadata)")
+    if args.captions and args.metadata:
+        raise ValueError("give --captions (COCO protocol) or --metadata (GenEval), not both")
+    # GenEval metadata are checked whenever GenEval's rules apply or GenEval's file is drawn; a folder scored by
+    # metrics alone, or drawn from captions, needs only each prompt
+    geneval = detector is not None or not (args.images or args.captions)
     run: dict = {"machine": platform.platform()}
     if args.images:
         images_dir = Path(args.images)
     else:
-        if not args.model or not args.metadata:
-            raise ValueError("generating needs --model (a local diffusers pipeline) and --metadata (GenEval's file)")
+        if not args.model or not (args.metadata or args.captions):
+            raise ValueError(
+                "generating needs --model (a local diffusers pipeline) and --metadata (GenEval's file) or --captions"
+            )
         from ..loaders import load_lora, load_soft_tokens
         from .coco import GENEVAL_CLASSES
         from .detections import COLORS
@@ -116,8 +130,11 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
             load_soft_tokens(pipe, args.soft_tokens)
         if args.lora:
             load_lora(pipe, args.lora)
-        metadata = load_metadata(args.metadata, classes=GENEVAL_CLASSES, colors=COLORS)
-        if args.tags:
+        if args.captions:
+            metadata = [{"prompt": caption} for caption in load_captions(args.captions)]
+        else:
+            metadata = load_metadata(args.metadata, classes=GENEVAL_CLASSES, colors=COLORS)
+        if args.tags and geneval:
             metadata = [line for line in metadata if line["tag"] in set(args.tags.split(","))]
         settings = {
             "images_per_prompt": args.images_per_prompt or 4,
@@ -129,9 +146,10 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
             settings = geneval_protocol(pipe)
         images_dir = out / "images"
         run["generation"] = generate_geneval_folder(
-            pipe, metadata, images_dir, batch_size=args.batch_size, eta=args.eta, **settings
+            pipe, metadata, images_dir, batch_size=args.batch_size, eta=args.eta, geneval=geneval, **settings
         )
         run.update(model=args.model, soft_tokens=args.soft_tokens, lora=args.lora, protocol=args.protocol)
+        run["prompts"] = args.captions or args.metadata
     if detector is not None:
         title = f"GenEval rules, {detector.name} detector: {args.model or images_dir}"
         summary = score_geneval_folder(images_dir, detector, out, colors, batch_size=args.batch_size, title=title)
@@ -139,7 +157,7 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
         run["color_classifier"] = args.clip
         print(f"{title}\n{format_summary(summary)}")
     if scorers:
-        table = metrics_table(score_metrics(images_dir, scorers, out, batch_size=args.batch_size))
+        table = metrics_table(score_metrics(images_dir, scorers, out, batch_size=args.batch_size, geneval=geneval))
         (out / "metrics.md").write_text(table + "\n", encoding="utf-8")
         run["metrics"] = dict(spec.partition("=")[::2] for spec in args.metric)
         print(table)
