@@ -5,7 +5,7 @@ per call, interleaved over `--repeats` rounds (the median is reported). Without 
 the tiny random ones of `softalign.testing.models` (the numbers then measure the plumbing, not a real model):
 
     python benchmarks/bench_rewards.py [--images 16] [--batch 16] [--size 64] [--repeats 3] [--device cuda]
-        [--clip DIR] [--pickscore DIR] [--hps DIR] [--aesthetic-head FILE] [--mask2former DIR]
+        [--clip DIR] [--pickscore DIR] [--hps DIR] [--aesthetic-head FILE] [--imagereward DIR] [--mask2former DIR]
         [--detector-scale 1333,800] [--json out.json]
 """
 
@@ -26,8 +26,8 @@ from PIL import Image
 from softalign.eval import Detection
 from softalign.eval.clip_colors import CLIPColorClassifier
 from softalign.eval.mask2former import Mask2FormerDetector
-from softalign.rewards import AestheticHead, AestheticScore, CLIPCore, CLIPScore, HPSv2, PickScore
-from softalign.testing.models import tiny_clip, tiny_mask2former
+from softalign.rewards import AestheticHead, AestheticScore, CLIPCore, CLIPScore, HPSv2, ImageReward, PickScore
+from softalign.testing.models import tiny_blip, tiny_clip, tiny_mask2former
 
 PROMPTS = ["a photo of a cat", "a photo of two dogs", "a photo of a red car", "a photo of a clock above a bench"]
 
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--pickscore", help="PickScore_v1 directory (CLIPModel)")
     parser.add_argument("--hps", help="HPSv2 converted to a CLIPModel directory")
     parser.add_argument("--aesthetic-head", help="LAION aesthetic head .pth (needs --clip ViT-L/14)")
+    parser.add_argument("--imagereward", help="ImageReward directory (convert_image_reward_checkpoint)")
     parser.add_argument("--mask2former", help="Mask2Former COCO instance-segmentation directory")
     parser.add_argument(
         "--detector-scale", default="1333,800", help="the detector's resize target, long,short (GenEval's: 1333,800)"
@@ -82,6 +83,13 @@ def main() -> None:
         "HPSv2": HPSv2.from_pretrained(args.hps or tiny, device=device),
         "aesthetic": AestheticScore(CLIPCore.from_pretrained(args.clip or tiny, device=device), head),
     }
+    if args.imagereward:
+        scorers["ImageReward"] = ImageReward.from_pretrained(args.imagereward, device=device)
+    else:
+        blip, bert = tiny_blip()
+        scorers["ImageReward"] = ImageReward(
+            blip.to(device), bert, AestheticHead(dim=blip.config.text_config.hidden_size)
+        )
     if not args.mask2former:
         tiny_mask2former(scratch / "mask2former")
     scale = tuple(int(v) for v in args.detector_scale.split(","))

@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 
 DETECTORS = ("mask2former",)
-METRICS = ("clip", "pickscore", "hps", "aesthetic")
+METRICS = ("clip", "pickscore", "hps", "aesthetic", "imagereward")
 
 
 def add_real_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def add_real_eval_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="NAME=DIR, repeatable: also score every image with a reward model (clip, pickscore, hps, "
-        "aesthetic=CLIP_DIR); writes metrics.jsonl and metrics.json.",
+        "imagereward, aesthetic=CLIP_DIR); writes metrics.jsonl and metrics.json.",
     )
     group.add_argument(
         "--captions",
@@ -64,9 +64,9 @@ def _detector(spec: str, device):
 
 
 def _scorers(specs: list[str], head: str | None, device) -> dict:
-    from ..rewards import AestheticScore, CLIPScore, HPSv2, PickScore
+    from ..rewards import AestheticScore, CLIPScore, HPSv2, ImageReward, PickScore
 
-    classes = {"clip": CLIPScore, "pickscore": PickScore, "hps": HPSv2}
+    classes = {"clip": CLIPScore, "pickscore": PickScore, "hps": HPSv2, "imagereward": ImageReward}
     scorers = {}
     for spec in specs:
         name, _, path = spec.partition("=")

@@ -11,6 +11,7 @@ from ..rl.rewards import GenEvalReward, dense_score, jpeg_compressibility, to_pi
 from .clip_core import CLIPCore
 from .contract import Scorer, as_reward_fn, to_tensor_images
 from .convert import convert_open_clip_checkpoint, open_clip_to_transformers
+from .image_reward import ImageReward, convert_image_reward_checkpoint, image_reward_to_transformers
 from .scorers import (
     AestheticHead,
     AestheticScore,
@@ -31,15 +32,18 @@ __all__ = [
     "CLIPScore",
     "GenEvalReward",
     "HPSv2",
+    "ImageReward",
     "PickScore",
     "Scorer",
     "aesthetic_score",
     "as_reward_fn",
     "clip_score",
+    "convert_image_reward_checkpoint",
     "convert_open_clip_checkpoint",
     "cosine",
     "dense_score",
     "hps_score",
+    "image_reward_to_transformers",
     "jpeg_compressibility",
     "open_clip_to_transformers",
     "pick_score",

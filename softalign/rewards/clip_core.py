@@ -104,42 +104,13 @@ class CLIPCore:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        return (pixels - mean) / std
-
-    def _resized(self, width: int, height: int) -> tuple[int, int]:
-        size = self.image_size
-        if width <= height:
-            return size, int(size * height / width)
-        return int(size * width / height), size
-
     def pil_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """CLIP's transform on PIL images -> `(B, 3, S, S)` float32 on the core's device."""
-        size, arrays = self.image_size, []
-        for image in images:
-            rgb = image.convert("RGB")
-            width, height = self._resized(*rgb.size)
-            rgb = rgb.resize((width, height), Image.BICUBIC)
-            top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-            rgb = rgb.crop((left, top, left + size, top + size))
-            arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device)
-        return self._normalise(pixels)
+        return pil_pixels(images, self.image_size, self.mean, self.std).to(self.device)
 
     def tensor_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """The same transform on `(B, 3, H, W)` images in [0, 1], differentiable -> `(B, 3, S, S)`."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"expected images as a (B, 3, H, W) tensor in [0, 1], got {shape}")
-        size = self.image_size
-        height, width = images.shape[-2:]
-        new_w, new_h = self._resized(width, height)
-        pixels = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        pixels = pixels[:, :, top : top + size, left : left + size]
-        return self._normalise(pixels.to(self.device))
+        return tensor_pixels(images, self.image_size, self.mean, self.std).to(self.device)
 
     def image_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(B, 3, S, S)` normalised pixels -> `(B, D)` projected image features (float32)."""
@@ -153,3 +124,42 @@ class CLIPCore:
         ).to(self.device)
         text = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
         return self.model.text_projection(text.pooler_output).float()
+
+
+def _normalise(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.tensor(mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
+
+def _resized(width: int, height: int, size: int) -> tuple[int, int]:
+    # torchvision's Resize(int) on the short side: the long side is truncated, not rounded
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def pil_pixels(images: list[Image.Image], size: int, mean, std) -> torch.Tensor:
+    """CLIP's (and BLIP's, ImageReward's) PIL transform: short side to `size` with bicubic, centre crop, [0, 1],
+    normalise -> `(B, 3, size, size)` float32."""
+    arrays = []
+    for image in images:
+        rgb = image.convert("RGB")
+        width, height = _resized(*rgb.size, size)
+        rgb = rgb.resize((width, height), Image.BICUBIC)
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        rgb = rgb.crop((left, top, left + size, top + size))
+        arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+    return _normalise(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), mean, std)
+
+
+def tensor_pixels(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """[`pil_pixels`] on `(B, 3, H, W)` tensors in [0, 1], differentiable (torch bicubic with antialiasing)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images as a (B, 3, H, W) tensor in [0, 1], got {shape}")
+    height, width = images.shape[-2:]
+    new_w, new_h = _resized(width, height, size)
+    pixels = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return _normalise(pixels[:, :, top : top + size, left : left + size], mean, std)

@@ -96,3 +96,43 @@ def tiny_clip(path: str | os.PathLike | None = None, seed: int = 0, dim: int = 3
         tokenizer.save_pretrained(path)
         CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=image_size).save_pretrained(path)
     return model, tokenizer
+
+
+def tiny_blip(path: str | os.PathLike | None = None, seed: int = 0, image_size: int = 32):
+    """A `BlipForImageTextRetrieval` (2 + 2 layers) with a word-level `BertTokenizer`; saved to `path` if given.
+
+    Returns `(model, tokenizer)`.
+    """
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+
+    words = "a an the photo of on in and two three cat cats dog dogs park mat red blue circle square".split()
+    vocab = {token: index for index, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    tokenizer = BertTokenizer(vocab=vocab)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        encoder_hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=40,
+        bos_token_id=2,
+        sep_token_id=3,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=8,
+    )
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(
+        BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=16)
+    ).eval()
+    if path is not None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return model, tokenizer
