@@ -94,6 +94,9 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
     from .metrics import load_captions, metrics_table, score_metrics
     from .summary import format_summary
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     detector = _detector(args.detector, args.device) if args.detector else None
     colors = None

@@ -2,10 +2,11 @@
 
 open_clip's `CLIP` and transformers' `CLIPModel` are the same network with different names: open_clip packs the
 attention's q, k, v into one `in_proj_weight` and stores the projections as `(width, dim)` matrices that are
-multiplied from the right, transformers' `Linear` layers hold them transposed. The mapping is exact, so the
-converted model gives open_clip's embeddings to float tolerance. The architecture (width, layers, heads, GELU) comes
-from a CLIP directory of the same shape, e.g. `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` for HPSv2, whose tokenizer
-and processor files are copied along.
+multiplied from the right, transformers' `Linear` layers hold them transposed. The conversion is only renaming,
+splitting and transposing (tested by a round trip on a tiny model; a comparison with open_clip itself needs
+open_clip and the real weights). The architecture (width, layers, heads, GELU, the text pooling at the end-of-text
+token) comes from a CLIP directory of the same shape, e.g. `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` for HPSv2, whose
+tokenizer and processor files are copied along.
 """
 
 from __future__ import annotations

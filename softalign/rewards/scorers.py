@@ -110,8 +110,8 @@ class PickScore(_CLIPTextImage):
 
 
 class HPSv2(_CLIPTextImage):
-    """Human Preference Score v2 / v2.1 `cos` (arXiv:2306.09341), over its checkpoint converted to a `CLIPModel`
-    directory with [`convert_open_clip_checkpoint`] (or read with open_clip from the `rewards` extra)."""
+    """Human Preference Score v2 / v2.1 `cos` (arXiv:2306.09341), over its open_clip checkpoint converted to a
+    `CLIPModel` directory with [`convert_open_clip_checkpoint`] (no open_clip needed)."""
 
     name = "hps"
 
