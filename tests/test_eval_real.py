@@ -71,6 +71,7 @@ def test_eval_end_to_end_writes_genevals_layout_and_rescoring_agrees(models, tmp
     flags = ["eval", "--model", str(models / "pipe"), "--metadata", str(models / "evaluation_metadata.jsonl")]
     flags += ["--detector", f"mask2former={models / 'mask2former'}", "--clip", str(models / "clip")]
     flags += ["--images-per-prompt", "2", "--steps", "2", "--batch-size", "4", "--metric", f"clip={models / 'clip'}"]
+    flags += ["--threads", "1"]
     assert main([*flags, "--out", str(out)]) == 0
     for p, line in enumerate(LINES):
         folder = out / "images" / f"{p:05d}"
@@ -86,7 +87,7 @@ def test_eval_end_to_end_writes_genevals_layout_and_rescoring_agrees(models, tmp
     assert not (out / PARTIAL).exists()
     again = tmp_path / "rescored"
     flags = ["eval", "--images", str(out / "images"), "--detector", f"mask2former={models / 'mask2former'}"]
-    assert main([*flags, "--clip", str(models / "clip"), "--out", str(again)]) == 0
+    assert main([*flags, "--clip", str(models / "clip"), "--threads", "1", "--out", str(again)]) == 0
     assert verdicts(again / "results.jsonl") == verdicts(out / "results.jsonl")
 
 
@@ -202,7 +203,7 @@ def test_coco_protocol_metrics_side_by_side(models, tmp_path):
         "--metric",
         f"clip={models / 'clip'}",
     ]
-    flags += ["--metric", f"hps={models / 'clip'}", "--images-per-prompt", "2", "--steps", "2"]
+    flags += ["--metric", f"hps={models / 'clip'}", "--images-per-prompt", "2", "--steps", "2", "--threads", "1"]
     assert main([*flags, "--out", str(tmp_path / "base")]) == 0
     assert main([*flags, "--guidance-scale", "2", "--out", str(tmp_path / "other")]) == 0
     assert json.loads((tmp_path / "base" / "images" / "00001" / "metadata.jsonl").read_text()) == {
@@ -221,6 +222,8 @@ def test_coco_protocol_metrics_side_by_side(models, tmp_path):
                 str(tmp_path / "base" / "images"),
                 "--metric",
                 f"clip={models / 'clip'}",
+                "--threads",
+                "1",
                 "--out",
                 str(tmp_path / "again"),
             ]

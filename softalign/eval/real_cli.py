@@ -89,12 +89,12 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
 
     `load_pipeline` is the command line's loader of a local diffusers directory (passed in, so this module does not
     import the command line back)."""
+    import torch
+
     from .geneval_folder import generate_geneval_folder, geneval_protocol, score_geneval_folder
     from .metadata import load_metadata
     from .metrics import load_captions, metrics_table, score_metrics
     from .summary import format_summary
-
-    import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
