@@ -170,6 +170,13 @@ def test_not_genevals_layout_is_named(tmp_path):
     assert main(["eval", "--images", str(root), "--detector", "yolo=x", "--out", str(tmp_path / "o")]) == 2
 
 
+def test_colour_prompts_without_clip_fail_before_any_work(models, tmp_path, capsys):
+    flags = ["eval", "--model", str(models / "pipe"), "--metadata", str(models / "evaluation_metadata.jsonl")]
+    flags += ["--detector", f"mask2former={models / 'mask2former'}", "--out", str(tmp_path / "run"), "--threads", "1"]
+    assert main(flags) == 2
+    assert "colors / color_attr prompts" in capsys.readouterr().err and not (tmp_path / "run" / "images").exists()
+
+
 def test_mean_interval():
     s = mean_interval([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0

@@ -181,13 +181,14 @@ class Mask2FormerDetector:
             pixels, (new_h, new_w) = self._inputs([arrays[i] for i in indices])
             out = self.model(pixel_values=pixels.to(dtype))
             class_logits = out.class_queries_logits.float()  # (B, Q, C + 1)
-            mask_logits = out.masks_queries_logits.float()  # (B, Q, H_pad / 4, W_pad / 4)
-            # Step 2: to the padded input, crop the padding, to the original size.
-            mask_logits = F.interpolate(mask_logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-            mask_logits = mask_logits[:, :, :new_h, :new_w]
-            mask_logits = F.interpolate(mask_logits, size=(height, width), mode="bilinear", align_corners=False)
             for row, index in enumerate(indices):
-                results[index] = self._instances(class_logits[row], mask_logits[row])
+                # Step 2, one image at a time (Q full-size masks each): to the padded input, crop, to the original.
+                masks = out.masks_queries_logits[row : row + 1].float()  # (1, Q, H_pad / 4, W_pad / 4)
+                masks = F.interpolate(masks, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+                masks = F.interpolate(
+                    masks[:, :, :new_h, :new_w], size=(height, width), mode="bilinear", align_corners=False
+                )
+                results[index] = self._instances(class_logits[row], masks[0])
         return results  # type: ignore[return-value]
 
     def _instances(self, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> list[Detection]:

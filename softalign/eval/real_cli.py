@@ -83,6 +83,15 @@ def _scorers(specs: list[str], head: str | None, device) -> dict:
     return scorers
 
 
+def _check_colours(lines, where, detector, colors) -> None:
+    """Fail before any work when GenEval's rules will need colours and no CLIP was given."""
+    if detector is not None and colors is None and any("color" in c for line in lines for c in line["include"]):
+        raise ValueError(
+            f"{where} has colors / color_attr prompts; GenEval names colours with CLIP: pass --clip DIR "
+            "(e.g. a local openai/clip-vit-large-patch14)"
+        )
+
+
 def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
     """1. load the detector, colour CLIP and metric models (local only); 2. generate into `<out>/images` unless
     `--images` is given (resumable); 3. score with GenEval's rules (resumable); 4. reward metrics; 5. run.json.
@@ -117,6 +126,10 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
     run: dict = {"machine": platform.platform()}
     if args.images:
         images_dir = Path(args.images)
+        if detector is not None:
+            from .geneval_folder import read_geneval_folder
+
+            _check_colours([line for line, _ in read_geneval_folder(images_dir)], images_dir, detector, colors)
     else:
         if not args.model or not (args.metadata or args.captions):
             raise ValueError(
@@ -139,6 +152,8 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
             metadata = load_metadata(args.metadata, classes=GENEVAL_CLASSES, colors=COLORS)
         if args.tags and geneval:
             metadata = [line for line in metadata if line["tag"] in set(args.tags.split(","))]
+        if geneval:
+            _check_colours(metadata, args.metadata, detector, colors)
         settings = {
             "images_per_prompt": args.images_per_prompt or 4,
             "seed": args.seed,
