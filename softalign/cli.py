@@ -66,6 +66,13 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .eval.real_cli import run_real_eval, wants_real_eval
+
+    if wants_real_eval(args):  # real models: GenEval's COCO metadata, local detector / CLIP / reward weights
+        return run_real_eval(args, load_pipeline)
+    if not args.model:
+        raise ValueError("--model is required (a local diffusers pipeline directory)")
+
     from .eval.metadata import load_metadata
     from .eval.run import run_evaluation
     from .eval.summary import format_summary
@@ -171,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="Generate and score images with GenEval's rules (shapes world).")
-    evaluate.add_argument("--model", required=True, help="Local diffusers pipeline directory.")
+    evaluate.add_argument("--model", help="Local diffusers pipeline directory (not needed with --images).")
     evaluate.add_argument("--soft-tokens", help="Soft-token adapter directory to load first.")
     evaluate.add_argument("--lora", help="A LoRA directory a softalign trainer wrote (`<run>/lora/<name>/`).")
     evaluate.add_argument("--metadata", help="GenEval metadata .jsonl (default: the shapes world's split).")
@@ -188,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--out", required=True, help="Run directory to write.")
+    from .eval.real_cli import add_real_eval_args
+
+    add_real_eval_args(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     comparison = commands.add_parser("compare", help="Put `softalign eval` runs side by side.")

@@ -2,11 +2,14 @@
 
 Score one image with [`evaluate_image`] (or [`evaluate_detections`] when detections are at hand), turn verdicts into
 GenEval's rows with [`result_row`], save them with [`write_results_jsonl`], and summarise with [`summarize`],
-[`format_summary`], [`markdown_report`] and [`compare`].
+[`format_summary`], [`markdown_report`] and [`compare`]. For real models, [`Mask2FormerDetector`] (GenEval's COCO
+detector on transformers) and [`CLIPColorClassifier`] (its colour classifier) are the plug-ins; both load from
+local directories only and import torch / transformers when first used.
 """
 
 from __future__ import annotations
 
+from .coco import GENEVAL_CLASSES
 from .detections import COLORS, ColorClassifier, Detection, Detector, masked_crop
 from .metadata import RELATIONS, TAGS, load_metadata, parse_metadata_line, validate_metadata
 from .report import caption, compare, counting_confusion, counting_table, markdown_report, save_grid, tag_table
@@ -24,10 +27,13 @@ from .summary import (
 __all__ = [
     "COLORS",
     "COLUMNS",
+    "CLIPColorClassifier",
     "ColorClassifier",
     "Detection",
     "Detector",
     "GENEVAL",
+    "GENEVAL_CLASSES",
+    "Mask2FormerDetector",
     "RELATIONS",
     "RuleConfig",
     "TAGS",
@@ -53,3 +59,14 @@ __all__ = [
     "wilson_interval",
     "write_results_jsonl",
 ]
+
+_LAZY = {"Mask2FormerDetector": ".mask2former", "CLIPColorClassifier": ".clip_colors"}
+
+
+def __getattr__(name):
+    # The real-model plug-ins import torch and transformers; load them only when asked for.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

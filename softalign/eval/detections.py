@@ -8,11 +8,27 @@ including a trained shapes-world detector or a stub in a test.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
+
+# The precisions a score can be compared in. GenEval compares mmdet's float32 scores with 0.3 / 0.9 in float32, where
+# `float32(0.3) > 0.3` is False: the threshold is rounded to float32 first (NumPy's scalar casting, old and new).
+PRECISIONS = ("float16", "float32", "float64")
+
+
+def _precision_of(value) -> str:
+    """The precision a detector produced `value` in: a NumPy / torch float's own dtype, float64 for Python numbers."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return "float64"
+    name = str(dtype).removeprefix("torch.")
+    if name == "bfloat16":  # NumPy has no bfloat16; its values are exact in float32
+        return "float32"
+    return name if name in PRECISIONS else "float64"  # integer scores: compared as Python numbers
+
 
 # GenEval's colour vocabulary, in its order (the order matters: failure reasons list colour counts in this order).
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -29,6 +45,11 @@ class Detection:
         mask (`np.ndarray`, *optional*): boolean `H x W` mask over the whole image; the colour classifier uses it.
         color (`str`, *optional*): the object's colour when the detector already knows it; it then takes the
             place of the colour classifier for this object.
+        precision (`str`, *optional*): `"float16"`, `"float32"` or `"float64"`, the precision the detector computed
+            the score and box in; the rules compare thresholds and box geometry in it, as GenEval does with mmdet's
+            float32 arrays. Defaults to the dtype of `score` (a `np.float32` or a float32 tensor gives `"float32"`,
+            bfloat16 gives `"float32"`, a Python float `"float64"`). A declared precision rounds `score` and `box`
+            to it, since that is the value the detector would have produced.
     """
 
     label: str
@@ -36,12 +57,20 @@ class Detection:
     box: tuple[float, float, float, float]
     mask: np.ndarray | None = None
     color: str | None = None
+    precision: str | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.label, str) or not self.label:
             raise ValueError(f"Detection.label must be a non-empty string, got {self.label!r}")
+        if self.precision is None:
+            self.precision = _precision_of(self.score)
+        elif self.precision not in PRECISIONS:
+            raise ValueError(f"Detection.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        dtype = np.dtype(self.precision)
         try:
-            self.score = float(self.score)
+            # float() of a NumPy / torch scalar is exact; the round trip through `dtype` only changes a value that was
+            # declared in a lower precision than it came in.
+            self.score = float(np.asarray(float(self.score), dtype=np.float64).astype(dtype))
         except (TypeError, ValueError):
             raise ValueError(f"Detection.score must be a number, got {self.score!r}") from None
         if not math.isfinite(self.score):
@@ -54,7 +83,7 @@ class Detection:
             raise ValueError(f"Detection.box must be 4 finite numbers (x0, y0, x1, y1), got {self.box!r}")
         if box[2] < box[0] or box[3] < box[1]:
             raise ValueError(f"Detection.box must have x0 <= x1 and y0 <= y1 (pixels, y down), got {self.box!r}")
-        self.box = box
+        self.box = tuple(float(v) for v in np.asarray(box, dtype=np.float64).astype(dtype))
         if self.mask is not None:
             mask = np.asarray(self.mask)
             if mask.ndim != 2:
@@ -64,7 +93,8 @@ class Detection:
             raise ValueError(f"Detection.color must be a non-empty string or None, got {self.color!r}")
 
     def geneval_row(self) -> list[float]:
-        """`[x0, y0, x1, y1, score]`, the form of one object in GenEval's `details` column."""
+        """`[x0, y0, x1, y1, score]`, the form of one object in GenEval's `details` column (Python floats, as its
+        `box.tolist()` gives)."""
         return [*self.box, self.score]
 
 

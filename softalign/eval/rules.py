@@ -8,6 +8,11 @@ One image is scored in three steps:
    and every found object must stand in the asked relation to every object of the referenced clause;
 3. exclude clauses are ORed: any class with `len(objects[class]) >= count` fails the image.
 
+Scores and boxes are compared in the detector's own precision ([`Detection.precision`]): GenEval's mmdet arrays are
+float32, and NumPy compares `float32_array > 0.3` in float32, so a score equal to `float32(0.3)` is dropped (in
+float64 it would be `0.30000001 > 0.3` and kept); `relative_position` computes its centres, sizes and norm in float32
+for the same reason.
+
 Failure reasons use GenEval's wording, one per line. Two choices go beyond GenEval, both documented where made:
 ties in score are broken by box, colour and mask (GenEval's order among equal scores depends on its detector's
 output order), and the relations in a position reason are sorted (GenEval prints a Python set, whose order varies
@@ -20,6 +25,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image
 
 from .detections import COLORS, ColorClassifier, Detection, Detector
@@ -83,12 +89,21 @@ def select_objects(
     for detection in detections:
         if not isinstance(detection, Detection):
             raise TypeError(f"expected Detection objects, got {type(detection).__name__}: {detection!r}")
-        if detection.score > threshold:  # strictly above, as GenEval
+        if above(detection.score, threshold, detection.precision):  # strictly above, as GenEval
             by_class.setdefault(detection.label, []).append(detection)
     return {label: sorted(found, key=_order_key)[: config.max_objects] for label, found in sorted(by_class.items())}
 
 
-def relative_position(box_a, box_b, threshold: float = 0.1) -> set[str]:
+def above(score: float, threshold: float, precision: str = "float64") -> bool:
+    """`score > threshold` with both rounded to `precision` first, as NumPy compares a float32 array with a Python
+    float (GenEval's `bbox[:, 4] > 0.3`): `above(float(np.float32(0.3)), 0.3, "float32")` is False."""
+    dtype = np.dtype(precision)
+    return bool(
+        np.asarray(score, dtype=np.float64).astype(dtype) > np.asarray(threshold, dtype=np.float64).astype(dtype)
+    )
+
+
+def relative_position(box_a, box_b, threshold: float = 0.1, precision: str = "float64") -> set[str]:
     """Where box A is relative to box B, GenEval's way: a set of `"left of"`, `"right of"`, `"above"`, `"below"`.
 
     The centre offset is shrunk on each axis by `threshold` times the summed box sizes on that axis; if nothing is
@@ -99,19 +114,18 @@ def relative_position(box_a, box_b, threshold: float = 0.1) -> set[str]:
     Args:
         box_a, box_b (`tuple[float, float, float, float]`): `(x0, y0, x1, y1)` in pixels.
         threshold (`float`, *optional*, defaults to 0.1): GenEval's `position_threshold`.
+        precision (`str`, *optional*, defaults to `"float64"`): the dtype every step is computed in; GenEval's
+            boxes are mmdet's float32 arrays, so a [`Detection`] with `precision="float32"` is measured in float32.
     """
-    ax0, ay0, ax1, ay1 = (float(v) for v in box_a[:4])
-    bx0, by0, bx1, by1 = (float(v) for v in box_b[:4])
-    offset = ((ax0 + ax1) / 2 - (bx0 + bx1) / 2, (ay0 + ay1) / 2 - (by0 + by1) / 2)
-    sizes = (abs(ax1 - ax0) + abs(bx1 - bx0), abs(ay1 - ay0) + abs(by1 - by0))
-    revised = [
-        max(abs(o) - threshold * s, 0.0) * math.copysign(1.0, o) if o else 0.0
-        for o, s in zip(offset, sizes, strict=True)
-    ]
-    if all(abs(r) < 1e-3 for r in revised):
+    # GenEval's own steps, in NumPy and in the boxes' dtype (a Python scalar joins an array in the array's dtype).
+    boxes = np.array([list(box_a[:4]), list(box_b[:4])], dtype=np.float64).astype(precision).reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
         return set()
-    norm = math.sqrt(offset[0] * offset[0] + offset[1] * offset[1])  # raw, not revised: close objects need more angle
-    dx, dy = revised[0] / norm, revised[1] / norm
+    dx, dy = revised / np.linalg.norm(offset)  # raw, not revised, offset: close objects need more angle
     relations = set()
     if dx < -0.5:
         relations.add("left of")
@@ -136,6 +150,22 @@ def _color_of(detection: Detection, image, color_classifier: ColorClassifier | N
     if not isinstance(color, str) or not color:
         raise ValueError(f"color_classifier must return a colour name (str), got {color!r} for {detection!r}")
     return color
+
+
+def _colors_of(found: list[Detection], image, color_classifier, clause: dict) -> list[str]:
+    # A classifier with `classify(image, detections)` (e.g. CLIPColorClassifier) names all unknown colours at once.
+    unknown = [obj for obj in found if obj.color is None]
+    if not unknown or not hasattr(color_classifier, "classify"):
+        return [_color_of(obj, image, color_classifier, clause) for obj in found]
+    named = list(color_classifier.classify(image, unknown))
+    if len(named) != len(unknown):
+        raise ValueError(f"color_classifier.classify returned {len(named)} colours for {len(unknown)} detections")
+    named.reverse()
+    colors = [obj.color if obj.color is not None else named.pop() for obj in found]
+    for color, obj in zip(colors, found, strict=True):
+        if not isinstance(color, str) or not color:
+            raise ValueError(f"color_classifier.classify must return colour names (str), got {color!r} for {obj!r}")
+    return colors
 
 
 def _color_reason(clause: dict, colors: list[str]) -> str:
@@ -182,7 +212,7 @@ def evaluate_detections(
             reasons.append(f"expected {name}>={count}, found {len(found)}")
         else:
             if "color" in clause:
-                colors = [_color_of(obj, image, color_classifier, clause) for obj in found]
+                colors = _colors_of(found, image, color_classifier, clause)
                 if colors.count(clause["color"]) < count:
                     matched = False
                     reasons.append(_color_reason(clause, colors))
@@ -210,7 +240,9 @@ def _check_relation(found, targets, name: str, relation: str, config: RuleConfig
     # Every found A against every B of the referenced clause; the first pair that fails gives the one reason.
     for obj in found:
         for target in targets:
-            relations = relative_position(obj.box, target.box, config.position_threshold)
+            # GenEval stacks both boxes into one array: mixed precisions meet in the wider one
+            precision = str(np.promote_types(obj.precision, target.precision))
+            relations = relative_position(obj.box, target.box, config.position_threshold, precision)
             if relation not in relations:
                 # GenEval joins a set (arbitrary order); sorted here so reasons are reproducible. An empty set gives
                 # GenEval's "found  target" with two spaces.
