@@ -108,6 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
         eta=args.eta,
         batch_size=args.batch_size,
         title=f"GenEval rules: {args.model}",
+        overwrite=args.overwrite,
     )
     print(format_summary(summary))
     return 0
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--out", required=True, help="Run directory to write.")
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an evaluation of other weights or settings already in --out (refused otherwise).",
+    )
     from .eval.real_cli import add_real_eval_args
 
     add_real_eval_args(evaluate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -144,3 +145,29 @@ def test_cli_eval_samples_with_ddim_eta_and_refuses_it_without_ddim(tmp_path, ca
     ):
         run_evaluation(tiny_pipeline("sd3"), plan, ShapesDetector.load(), tmp_path / "sd3", eta=1.0)
     assert not (tmp_path / "sd3").exists()  # refused before anything was written
+
+
+def test_an_evaluation_is_keyed_reused_and_never_silently_overwritten(tmp_path):
+    from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
+    from softalign.eval.run import run_evaluation
+    from softalign.shapes.detector import ShapesDetector
+    from softalign.shapes.prompts import split_prompts
+    from softalign.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    plan = [(split_prompts("heldout")[0], 1)]
+    detector = ShapesDetector.load()
+    settings = dict(seed=1, num_inference_steps=2, guidance_scale=1.5, progress=False)
+    run_evaluation(pipe, plan, detector, tmp_path / "run", **settings)
+    written = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert written["key"]["soft_tokens"] is None and written["key"]["sampler"]["steps"] == 2
+    stamp = (tmp_path / "run" / "results.jsonl").stat().st_mtime_ns
+    run_evaluation(pipe, plan, detector, tmp_path / "run", **settings)  # same key: reused, nothing redrawn
+    assert (tmp_path / "run" / "results.jsonl").stat().st_mtime_ns == stamp
+    attach_soft_tokens(pipe, SoftTokens(SoftTokensConfig.for_family("sd15", dim=pipe.unet.config.cross_attention_dim)))
+    with pytest.raises(FileExistsError, match="differs in: soft_tokens"):
+        run_evaluation(pipe, plan, detector, tmp_path / "run", **settings)
+    with pytest.raises(FileExistsError, match="differs in: .*seed"):
+        run_evaluation(pipe, plan, detector, tmp_path / "run", **{**settings, "seed": 2})
+    run_evaluation(pipe, plan, detector, tmp_path / "run", overwrite=True, **settings)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["key"]["soft_tokens"] is not None

@@ -21,6 +21,7 @@ import torch
 from ..backbones import collapsed_generation
 from .report import caption, markdown_report, save_grid
 from .rules import evaluate_detections
+from .run_key import check_run_dir, run_key
 from .summary import result_row, summarize, write_results_jsonl
 
 
@@ -38,16 +39,26 @@ def run_evaluation(
     grid_images: int = 4,
     title: str = "GenEval results",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Draw `n` images for each `(metadata, n)` of `plan`, score them, and write the run directory.
 
     `eta` (DDIM pipelines only; `None`: the pipeline's default, deterministic DDIM) samples with DDIM's noise, e.g.
     `eta=1.0` to score a DDPO policy with the sampler it was trained with.
 
+    The run is keyed ([`run_key`]: weights, tokens, sampler, seed, plan): a finished run in `out` with the same key is
+    returned as it is, and a directory holding another evaluation is refused unless `overwrite`.
+
     Returns:
         `dict`: the [`summarize`] summary (also in `summary.json`).
     """
     from tqdm.auto import tqdm
+
+    key = run_key(pipe, plan, seed, num_inference_steps, guidance_scale, eta)
+    finished = check_run_dir(out, key, overwrite)
+    if finished is not None:
+        print(f"{out}: already evaluated with the same weights, sampler, seed and prompts; reusing it")
+        return finished
 
     sampler_options = {} if eta is None else {"eta": _checked_eta(pipe, eta)}
     out = Path(out)
@@ -93,6 +104,7 @@ def run_evaluation(
     (out / "report.md").write_text(markdown_report(rows, title=title), encoding="utf-8")
     _grid(out, plan, rows, grid_prompts, grid_images)
     run = {
+        "key": key,
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
