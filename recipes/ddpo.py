@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from softalign import SoftTokens, SoftTokensConfig, read_soft_tokens
-from softalign.backbones import context_dim_of, family_of
 from softalign.cli import load_pipeline
+from softalign.families import context_dim_of, family_of
 from softalign.rl import DDPOConfig, DDPOTrainer, GenEvalReward, jpeg_compressibility
 from softalign.shapes.data import prompt_sampler
 from softalign.shapes.prompts import parse_tags, split_prompts

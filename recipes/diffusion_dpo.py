@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from softalign import SoftTokens, SoftTokensConfig, read_soft_tokens, save_soft_tokens
-from softalign.backbones import context_dim_of, family_of
 from softalign.cli import load_pipeline
+from softalign.families import context_dim_of, family_of
 from softalign.rl import DiffusionDPOConfig, DiffusionDPOTrainer
 
 

@@ -229,11 +229,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from softalign import SoftAlignConfig, SoftAlignTrainer, save_soft_tokens
-    from softalign.backbones import denoiser_of
     from softalign.cli import load_pipeline
     from softalign.curves import plot_curves
     from softalign.distributed import make_accelerator
     from softalign.eval.report import compare
+    from softalign.families import denoiser_of
     from softalign.shapes.detector import ShapesDetector
 
     started = time.time()

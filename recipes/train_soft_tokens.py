@@ -15,8 +15,8 @@ import argparse
 import sys
 
 from softalign import SoftAlignConfig, SoftAlignTrainer
-from softalign.backbones import denoiser_of
 from softalign.cli import load_pipeline
+from softalign.families import denoiser_of
 
 
 def main(argv=None) -> int:

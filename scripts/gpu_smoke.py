@@ -22,8 +22,8 @@ import torch
 from accelerate.state import AcceleratorState
 
 from softalign import SoftTokens, SoftTokensConfig
-from softalign.backbones import context_dim_of
 from softalign.config import SoftAlignConfig
+from softalign.families import context_dim_of
 from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer
 from softalign.shapes.prompts import split_prompts
 from softalign.shapes.render import render_scene

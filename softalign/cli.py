@@ -129,13 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softalign", description="Soft-token alignment for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    from .families import FAMILIES
+
     convert = commands.add_parser(
         "convert", help="Convert released SoftREPA / AGSM .pth tokens into a softalign adapter directory."
     )
     convert.add_argument("src", help="Directory with the .pth files (or the token file itself).")
     convert.add_argument("out", help="Adapter directory to write.")
     convert.add_argument("--format", required=True, choices=["softrepa", "agsm"], help="Which paper's release.")
-    convert.add_argument("--family", choices=["sd15", "sd2", "sdxl", "sd3"], help="Model family (default: inferred).")
+    convert.add_argument("--family", choices=FAMILIES, help="Model family (default: inferred).")
     convert.add_argument(
         "--unet-blocks", nargs="+", choices=["down", "mid", "up"], help="UNet block groups the tokens were trained on."
     )

@@ -10,15 +10,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from .families import FAMILIES, training_defaults
+from .version import __version__
 
 # Paper defaults per family (METHOD.md sections 3-4; AGSM scripts/train_coco.sh; SoftREPA run_train.sh).
-FAMILY_DEFAULTS = {
-    "sd15": {"gamma_neg": 1.0, "dweight": 10.0, "resolution": 512},
-    "sd2": {"gamma_neg": 1.0, "dweight": 10.0, "resolution": 768},
-    "sdxl": {"gamma_neg": 0.1, "dweight": 10.0, "resolution": 1024},
-    "sd3": {"gamma_neg": 0.1, "dweight": 0.0, "resolution": 1024},
-}
+FAMILY_DEFAULTS = {family: training_defaults(family) for family in FAMILIES}
 CHOICES = {
     "objective": ("agsm", "softrepa"),
     "preference": ("plackett_luce", "bradley_terry"),
@@ -162,7 +158,7 @@ class SoftAlignConfig:
 
     def resolved(self, family: str) -> SoftAlignConfig:
         """A copy with the family's paper defaults filled in where the field is `None`."""
-        defaults = FAMILY_DEFAULTS[family]
+        defaults = training_defaults(family)
         values = {k: defaults[k] for k in ("gamma_neg", "dweight", "resolution") if getattr(self, k) is None}
         return dataclasses.replace(self, **values)
 

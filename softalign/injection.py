@@ -20,10 +20,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .backbones import architecture_of, context_dim_of, denoiser_of
+from .families import INJECTION_ATTRIBUTE, architecture_of, context_dim_of, denoiser_of
 from .soft_tokens import SoftTokens
 
-_ATTRIBUTE = "_softalign_injection"
+_ATTRIBUTE = INJECTION_ATTRIBUTE
 
 
 def _argument_index(module: nn.Module, name: str) -> int | None:

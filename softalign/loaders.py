@@ -143,7 +143,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `save_l
 def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "softalign") -> str:
     """Load a LoRA written by a softalign trainer (`<run>/lora/<name>/`) into the pipeline's denoiser and make it the
     active adapter; returns its name. Fails with the path when the directory holds no adapter weights."""
-    from .backbones import denoiser_of
+    from .families import denoiser_of
 
     path = Path(path)
     if not (path / LORA_WEIGHTS).is_file():

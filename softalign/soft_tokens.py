@@ -17,7 +17,8 @@ from enum import Enum
 import torch
 from torch import nn
 
-from . import __version__
+from .families import FAMILIES, soft_token_preset
+from .version import __version__
 
 NUM_TIMESTEP_BUCKETS = 100
 NUM_TRAIN_TIMESTEPS = 1000
@@ -74,7 +75,7 @@ class SoftTokensConfig:
     timestep_embedding: bool = field(default=True, metadata={"help": "Add the 100-bucket timestep embedding."})
     init: str = field(default="normal", metadata={"help": "normal or null_prompt."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation."})
-    family: str | None = field(default=None, metadata={"help": "sd15, sd2, sdxl or sd3 (informational)."})
+    family: str | None = field(default=None, metadata={"help": "The model family (informational)."})
     softalign_version: str = field(default=__version__, metadata={"help": "Version that wrote this config."})
 
     def __post_init__(self):
@@ -140,18 +141,10 @@ class SoftTokensConfig:
         SD1.5 starts from the null-prompt BOS state. SoftREPA (`run_train.sh`): one bank, SD1.5 down only, SDXL
         down + mid, SD3 5 layers prepended; SD1.5 starts from the null-prompt BOS state.
         """
-        family = _choice("family", family, _FAMILIES)
-        if objective not in ("agsm", "softrepa"):
-            raise ValueError(f"objective must be 'agsm' or 'softrepa', got {objective!r}.")
-        dim = dim if dim is not None else _FAMILY_DIMS[family]
-        settings: dict = {"architecture": "mmdit" if family == "sd3" else "unet", "dim": dim, "family": family}
-        settings["n_banks"] = 2 if objective == "agsm" else 1
-        if family == "sd3":
-            settings.update(n_layers=5, position="append" if objective == "agsm" else "prepend")
-        else:
-            down_only = objective == "softrepa" and family in ("sd15", "sd2")
-            settings["unet_blocks"] = ["down"] if down_only else ["down", "mid"]
-            settings["init"] = "null_prompt" if family in ("sd15", "sd2") else "normal"
+        family = _choice("family", family, FAMILIES)
+        settings = soft_token_preset(family, objective)  # the family's entry in softalign.families
+        if dim is not None:
+            settings["dim"] = dim
         settings.update(overrides)
         return cls(**settings)
 
@@ -194,10 +187,6 @@ class SoftTokensConfig:
         if self.timestep_embedding:
             shapes["timestep_embedding.weight"] = (NUM_TIMESTEP_BUCKETS, embedding_width)
         return shapes
-
-
-_FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
-_FAMILY_DIMS = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "sd3": 1536}
 
 
 def _choice(name: str, value, allowed) -> str:

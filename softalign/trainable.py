@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_directory
-from .backbones import denoiser_of
+from .families import denoiser_of
 from .injection import SoftTokenInjection, attach_soft_tokens, injection_of
 from .loaders import save_soft_tokens
 from .soft_tokens import SoftTokens

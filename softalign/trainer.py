@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from . import objectives
-from .backbones import backbone_for, context_dim_of
 from .cache import EncodingCache
 from .checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
 from .config import SoftAlignConfig
 from .data import as_examples
 from .distributed import average_gradients, make_accelerator
+from .families import backbone_for, context_dim_of
 from .run_lock import RunLock
 from .soft_tokens import SoftTokens, SoftTokensConfig
 from .trainable import TrainableState

@@ -297,7 +297,7 @@ def _nonfinite_loss(value: float, mode: str = "stop"):
 
 def _ddpo(reward=None, loss_factor: float | None = None):
     def run(root: Path):
-        from softalign.backbones import context_dim_of
+        from softalign.families import context_dim_of
         from softalign.rl.ddpo_config import DDPOConfig
         from softalign.rl.ddpo_trainer import DDPOTrainer
 

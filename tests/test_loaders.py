@@ -15,7 +15,7 @@ from softalign import (
     save_soft_tokens,
     unload_soft_tokens,
 )
-from softalign.backbones import context_dim_of
+from softalign.families import context_dim_of
 from softalign.testing import tiny_pipeline
 
 CALL = dict(prompt="a photo of a red cat", num_inference_steps=2, height=32, width=32, output_type="np")

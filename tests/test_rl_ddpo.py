@@ -5,8 +5,8 @@ import torch
 from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for
 from shapes_data import shapes_pairs
 
-from softalign.backbones import denoiser_of
 from softalign.config import SoftAlignConfig
+from softalign.families import denoiser_of
 from softalign.rl.ddpo_trainer import DDPOTrainer
 from softalign.rl.stat_tracking import PerPromptStatTracker
 from softalign.testing import tiny_pipeline

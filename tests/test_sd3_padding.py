@@ -6,7 +6,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 
 from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
-from softalign.backbones import backbone_for, collapsed_generation, context_dim_of
+from softalign.families import backbone_for, collapsed_generation, context_dim_of
 from softalign.sd3_padding import (
     CollapsedPadding,
     collapse_zero_padding,

@@ -5,9 +5,9 @@ import torch
 from shapes_data import shapes_pairs
 
 from softalign import load_soft_tokens, save_soft_tokens
-from softalign.backbones import denoiser_of
 from softalign.checkpoints import list_checkpoints
 from softalign.config import SoftAlignConfig
+from softalign.families import denoiser_of
 from softalign.testing import tiny_pipeline
 from softalign.trainer import SoftAlignTrainer
 

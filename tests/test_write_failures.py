@@ -204,7 +204,7 @@ def softalign_checkpoint_fault(name: str, root: Path) -> FaultOutcome:
 def ddpo_checkpoint_fault(name: str, root: Path) -> FaultOutcome:
     """The same for DDPO: its checkpoint FAIL_AT (after epoch FAIL_AT) hits a full disk."""
     from softalign import SoftTokens, SoftTokensConfig
-    from softalign.backbones import context_dim_of
+    from softalign.families import context_dim_of
     from softalign.rl.ddpo_config import DDPOConfig
     from softalign.rl.ddpo_trainer import DDPOTrainer
 

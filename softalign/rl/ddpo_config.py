@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .. import __version__
+from ..version import __version__
 
 
 @dataclass

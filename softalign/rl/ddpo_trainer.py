@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..backbones import backbone_for
 from ..checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
 from ..distributed import average_gradients, make_accelerator
+from ..families import backbone_for
 from ..run_lock import RunLock
 from ..trainable import TrainableState
 from .ddpo_config import DDPOConfig

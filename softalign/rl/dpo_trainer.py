@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, objectives
-from ..backbones import backbone_for
+from .. import objectives
 from ..checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
 from ..data import check_caption, iterable_examples, preprocess
 from ..distributed import average_gradients, make_accelerator
+from ..families import backbone_for
 from ..run_lock import RunLock
 from ..trainable import TrainableState
+from ..version import __version__
 from .save_model import SaveModelMixin
 
 
