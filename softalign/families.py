@@ -189,6 +189,24 @@ def _is_unet(module) -> bool:
     return isinstance(module, UNet2DConditionModel)
 
 
+def base_model_record(pipe_or_denoiser) -> dict:
+    """What an adapter records about the model it was trained on (as PEFT's `base_model_name_or_path`): the
+    pipeline's `name_or_path` when it has one, its class, and a hash of the denoiser's config."""
+    import hashlib
+    import json
+
+    denoiser = denoiser_of(pipe_or_denoiser)
+    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    owner = pipe_or_denoiser if pipe_or_denoiser is not denoiser else None
+    name = getattr(owner, "name_or_path", None) or getattr(denoiser.config, "_name_or_path", None) or None
+    return {
+        "base_model_name_or_path": str(name) if name else None,
+        "base_model_class": type(owner).__name__ if owner is not None else type(denoiser).__name__,
+        "base_model_config_hash": digest,
+    }
+
+
 def image_side(pipe) -> int:
     """The pipeline's default image side in pixels: the denoiser's `sample_size` times the VAE scale factor."""
     return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor

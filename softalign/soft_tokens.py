@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .families import FAMILIES, soft_token_preset
+from .families import FAMILIES, backbone_for, context_dim_of, family_of, soft_token_preset
 from .version import __version__
 
+# The adapter format (PEFT-like): a directory with `adapter_config.json` (the config) and `adapter_model.safetensors`
+# (float32 tensors keyed like `SoftTokens.state_dict()`; the config repeated in its header). Nothing here unpickles.
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "softalign.soft_tokens"
+BASE_MODEL_KEYS = ("base_model_name_or_path", "base_model_class", "base_model_config_hash")
 NUM_TIMESTEP_BUCKETS = 100
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -229,14 +237,114 @@ class SoftTokens(nn.Module):
         shapes = config.parameter_shapes()
         self.tokens = nn.Parameter(torch.empty(shapes["tokens"]))
         nn.init.normal_(self.tokens, mean=0.0, std=config.init_std)
+        self.base_model: dict | None = None  # what the tokens were trained on, when read from an adapter
         self.timestep_embedding = None
         if config.timestep_embedding:
             self.timestep_embedding = nn.Embedding(*shapes["timestep_embedding.weight"])
             nn.init.normal_(self.timestep_embedding.weight, mean=0.0, std=config.init_std)
 
+    @classmethod
+    def for_pipeline(cls, pipe, objective: str = "agsm", **overrides) -> SoftTokens:
+        """New tokens with the official configuration of `objective` for the pipeline's family, initialised as that
+        configuration says: from the pipeline's empty-prompt BOS state when `init="null_prompt"` (the official SD1.x
+        codes), else from a normal distribution (seed it with `torch.manual_seed` for reproducible tokens).
+
+        Example:
+            ```py
+            >>> from softalign import SoftTokens
+            >>> tokens = SoftTokens.for_pipeline(pipe, objective="agsm")  # psi+ and psi-
+            ```
+        """
+        config = SoftTokensConfig.for_family(
+            family_of(pipe), dim=context_dim_of(pipe), objective=objective, **overrides
+        )
+        tokens = cls(config)
+        if config.init == Init.NULL_PROMPT.value:
+            tokens.init_from_null_prompt(backbone_for(pipe).encode_prompts([""])["prompt_embeds"][:1].cpu())
+        return tokens
+
     @property
     def n_banks(self) -> int:
+        """Number of banks (2 for AGSM: psi+, psi-; 1 for SoftREPA)."""
         return self.config.n_banks
+
+    def save_pretrained(self, path: str | os.PathLike, base_model: dict | None = None) -> Path:
+        """Write the tokens to the adapter directory `path` atomically: `adapter_config.json` (the config, plus the
+        base model they were trained on) and `adapter_model.safetensors` (float32, the config in its header).
+
+        Args:
+            path (`str` or `os.PathLike`): the adapter directory to create or replace.
+            base_model (`dict`, *optional*): `base_model_name_or_path`, `base_model_class` and
+                `base_model_config_hash` (`softalign.families.base_model_record(pipe)`); defaults to `self.base_model`.
+        """
+        from safetensors.torch import save_file
+
+        from .atomic import atomic_directory
+
+        base_model = base_model if base_model is not None else self.base_model
+        config = {"format": FORMAT, **self.config.to_dict(), **(base_model or {})}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        path = Path(path)
+        with atomic_directory(path) as staging:
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            save_file(
+                tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "adapter_config": json.dumps(config)}
+            )
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> SoftTokens:
+        """Read a soft-token adapter directory (written by [`save_pretrained`], `save_soft_tokens` or `softalign
+        convert`) into a new module on the CPU, validating every tensor; `.base_model` holds what it was trained on.
+        Attach it with `attach_soft_tokens`, or load it into a pipeline in one call with `load_soft_tokens(pipe, path)`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Soft-token adapter directory not found: {path}")
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for required in (config_file, weights_file):
+            if not required.is_file():
+                raise FileNotFoundError(
+                    f"Soft-token adapter {path} is missing {required.name} (expected {CONFIG_NAME} and {WEIGHTS_NAME})."
+                )
+        try:
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from error
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"{config_file} is not a softalign soft-token config (format {found!r}, expected {FORMAT!r})."
+            )
+        base_model = {k: data.pop(k) for k in BASE_MODEL_KEYS if k in data}
+        config = SoftTokensConfig.from_dict(data, source=str(config_file))
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from error
+        expected = config.parameter_shapes()
+        if set(tensors) != set(expected):
+            raise ValueError(
+                f"{weights_file} holds tensors {sorted(tensors)}, but its config expects {sorted(expected)}."
+            )
+        for name, shape in expected.items():
+            if tensors[name].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise ValueError(
+                    f"{weights_file}: tensor {name!r} is {tensors[name].dtype}; expected a float16/bfloat16/float32/"
+                    "float64 tensor."
+                )
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(
+                    f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, its config expects {shape}."
+                )
+            if not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"{weights_file}: tensor {name!r} contains NaN or Inf values.")
+        soft_tokens = cls(config)
+        soft_tokens.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+        soft_tokens.base_model = base_model or None
+        return soft_tokens
 
     @torch.no_grad()
     def init_from_null_prompt(self, null_prompt_embeds: torch.Tensor) -> None:

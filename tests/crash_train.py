@@ -43,9 +43,9 @@ def say(message: str) -> None:
 def softalign_trainer(output_dir: str, steps: int):
     from shapes_data import shapes_pairs
 
-    from softalign.config import SoftAlignConfig
+    from softalign.softalign_config import SoftAlignConfig
+    from softalign.softalign_trainer import SoftAlignTrainer
     from softalign.testing import tiny_pipeline
-    from softalign.trainer import SoftAlignTrainer
 
     class Report:
         def on_step_end(self, trainer, logs):
@@ -105,7 +105,7 @@ def ddpo_trainer(output_dir: str, epochs: int):
 
 
 def kill_while_saving(step: int) -> None:
-    import softalign.checkpoints as checkpoints
+    import softalign.training as checkpoints
 
     write_integrity = checkpoints.write_integrity
 
@@ -150,7 +150,7 @@ def serve() -> None:
     import tqdm.auto  # noqa: F401
 
     import softalign.rl.ddpo_trainer  # noqa: F401
-    import softalign.trainer  # noqa: F401
+    import softalign.softalign_trainer  # noqa: F401
     from softalign.testing import tiny_pipeline
 
     tiny_pipeline("sd15")  # builds and caches the tokenizer; every life still builds its own pipeline

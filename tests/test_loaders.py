@@ -11,7 +11,6 @@ from softalign import (
     SoftTokensConfig,
     attach_soft_tokens,
     load_soft_tokens,
-    read_soft_tokens,
     save_soft_tokens,
     unload_soft_tokens,
 )
@@ -63,7 +62,7 @@ def test_adapter_files_hold_float32_state_dict_keys_and_the_config_in_the_header
     on_disk = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert header == on_disk and on_disk["format"] == "softalign.soft_tokens"
     assert SoftTokensConfig.from_dict(on_disk) == tokens.config
-    again = read_soft_tokens(tmp_path / "a")
+    again = SoftTokens.from_pretrained(tmp_path / "a")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in tokens.state_dict().items())
 
 
@@ -77,36 +76,36 @@ def test_loading_into_the_wrong_family_or_width_names_both_shapes(tmp_path):
 
 def test_missing_and_corrupt_adapters_get_errors_that_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="directory not found"):
-        read_soft_tokens(tmp_path / "nowhere")
+        SoftTokens.from_pretrained(tmp_path / "nowhere")
     save_soft_tokens(SoftTokens(SoftTokensConfig.for_family("sd15", dim=32)), tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     good = weights.read_bytes()
 
     weights.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
 
     save_file({"tokens": torch.zeros(2, 4, 16)}, weights)  # wrong shape, missing key
     with pytest.raises(ValueError, match="holds tensors"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     tensors = {"tokens": torch.zeros(2, 4, 16), "timestep_embedding.weight": torch.zeros(100, 32)}
     save_file(tensors, weights)
     with pytest.raises(ValueError, match=r"'tokens' has shape \(2, 4, 16\), its config expects \(2, 4, 32\)"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     tensors = {"tokens": torch.full((2, 4, 32), float("nan")), "timestep_embedding.weight": torch.zeros(100, 32)}
     save_file(tensors, weights)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
 
     (tmp_path / "a" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
     with pytest.raises(ValueError, match="not a softalign soft-token config"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing adapter_config.json"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
 
 
 def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):

@@ -50,8 +50,8 @@ def test_recipe_presets_parse_into_valid_configs():
     import softalign_then_ddpo as recipe
     import yaml
 
-    from softalign.config import SoftAlignConfig
     from softalign.rl import DDPOConfig, DiffusionDPOConfig
+    from softalign.softalign_config import SoftAlignConfig
 
     for preset in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
         args = recipe.parse_args(["--config", str(preset)])
@@ -162,12 +162,13 @@ def test_ddpo_and_dpo_recipes(tmp_path):
 
 
 def test_flagship_count_groups_keep_each_images_negatives_in_its_group():
-    import softalign_then_ddpo as recipe
 
     from softalign.shapes.prompts import split_prompts
 
     by_prompt = {line["prompt"]: line for line in split_prompts("train")}
-    pairs = recipe.shapes_pairs(16, seed=0, count_groups=1.0)
+    from softalign.shapes.pairs import shapes_pairs
+
+    pairs = shapes_pairs(16, seed=0, count_groups=1.0)
     assert len(pairs) == 16
     for start in range(0, 16, 4):
         clauses = [by_prompt[caption]["include"][0] for _, caption in pairs[start : start + 4]]

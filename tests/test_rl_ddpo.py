@@ -5,12 +5,12 @@ import torch
 from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for
 from shapes_data import shapes_pairs
 
-from softalign.config import SoftAlignConfig
 from softalign.families import denoiser_of
 from softalign.rl.ddpo_trainer import DDPOTrainer
 from softalign.rl.stat_tracking import PerPromptStatTracker
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 PROMPTS = ["a photo of a cat", "a photo of two dogs"]
 

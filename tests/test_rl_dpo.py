@@ -6,13 +6,13 @@ from PIL import Image
 from rl_fixtures import tokens_for, white_rejected_preferences
 from shapes_data import shapes_pairs
 
-from softalign.config import SoftAlignConfig
 from softalign.objectives import diffusion_dpo_loss
 from softalign.rl.ddpo_config import DDPOConfig
 from softalign.rl.ddpo_trainer import DDPOTrainer
-from softalign.rl.dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from softalign.rl.diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 
 def test_dpo_loss_formula_and_types():

@@ -5,11 +5,11 @@ import torch
 from shapes_data import shapes_pairs
 
 from softalign import load_soft_tokens, save_soft_tokens
-from softalign.checkpoints import list_checkpoints
-from softalign.config import SoftAlignConfig
 from softalign.families import denoiser_of
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
+from softalign.training import list_checkpoints
 
 PAIRS = shapes_pairs()
 

@@ -13,7 +13,7 @@ from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for,
 from safetensors.torch import save_file
 
 from softalign.rl.ddpo_trainer import DDPOTrainer
-from softalign.rl.dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from softalign.rl.diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from softalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 from shapes_data import shapes_pairs
 
-from softalign.config import SoftAlignConfig
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 torch.set_num_threads(1)
 out = sys.argv[1]
