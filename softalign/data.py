@@ -33,6 +33,7 @@ class Example:
 
 
 def check_caption(caption, source: str) -> str:
+    """`caption` if it is a non-empty string of at most `MAX_CAPTION_CHARS` characters, else a `ValueError` naming `source`."""
     if not isinstance(caption, str):
         raise ValueError(f"{source}: the caption must be a string, got {type(caption).__name__}.")
     if not caption.strip():

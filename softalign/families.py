@@ -340,6 +340,7 @@ class UNetBackbone(Backbone):
     """SD1.x / SD2.x: one CLIP text encoder, `unet(x_t, t, encoder_hidden_states)`."""
 
     def encode_prompts(self, captions):
+        """The CLIP conditioning of `captions` through `pipe.encode_prompt` (no classifier-free guidance)."""
         import torch
 
         with torch.no_grad():
@@ -349,6 +350,7 @@ class UNetBackbone(Backbone):
         return {"prompt_embeds": embeds}
 
     def predict(self, noisy, timesteps, conditioning):
+        """`unet(x_t, t, encoder_hidden_states)`."""
         return self.denoiser(noisy, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
 
 
@@ -356,6 +358,7 @@ class SDXLBackbone(Backbone):
     """SDXL: two CLIP encoders; the UNet also takes the pooled embedding and the size/crop `time_ids`."""
 
     def encode_prompts(self, captions):
+        """Both CLIP encoders' conditioning of `captions`, with the pooled embedding."""
         import torch
 
         with torch.no_grad():
@@ -365,6 +368,7 @@ class SDXLBackbone(Backbone):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, noisy, timesteps, conditioning):
+        """The UNet call with the pooled embedding and the size / crop `time_ids` of a centre-cropped square."""
         import torch
 
         # (original size, crop top-left, target size) of a centre-cropped square at the training resolution.
@@ -397,6 +401,7 @@ class SD3Backbone(Backbone):
             self.conditioning_layout = f"sd3-zero-rows-collapsed-{STOCK_T5_ROWS}"
 
     def encode_prompts(self, captions):
+        """The CLIP (and T5, or one collapsed zero row) conditioning of `captions`, with the pooled projection."""
         import torch
 
         rows = {"max_sequence_length": 1} if self.collapsed_padding else {}
@@ -413,6 +418,7 @@ class SD3Backbone(Backbone):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, noisy, timesteps, conditioning):
+        """The transformer call with t in [0, 1000] and the pooled projection."""
         timesteps = timesteps.to(noisy.dtype).reshape(-1).expand(noisy.shape[0])
         context = conditioning["prompt_embeds"]
         extra = {}

@@ -192,6 +192,8 @@ def agsm_loss(
 
 @dataclass
 class Diagnostics:
+    """Per-batch diagnostics of a preference over candidates: win rate and margins."""
+
     win_rate: torch.Tensor  # share of images whose positive outweighs every negative
     weight_margin: torch.Tensor  # mean of w_+ - max_j w_j (the official `score_margin`)
     reward_margin: torch.Tensor  # mean of r_+ - max_j r_j
@@ -214,6 +216,8 @@ def preference_diagnostics(weights: torch.Tensor, rewards: torch.Tensor, labels:
 # -- Diffusion-DPO ---------------------------------------------------------------------------------------------------
 @dataclass
 class DPOTerms:
+    """The Diffusion-DPO loss with its implicit accuracy (the share of pairs whose preferred image wins)."""
+
     loss: torch.Tensor  # scalar
     implicit_accuracy: torch.Tensor  # share of pairs where the model prefers the winner more than the reference
     inside: torch.Tensor  # (B,) -beta/2 * (model_diff - ref_diff)

@@ -33,17 +33,23 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 
 class Architecture(str, Enum):
+    """The injection layout of a denoiser family."""
+
     UNET = "unet"  # SD1.x / SD2.x / SDXL: one token set shared by the hooked UNet blocks
     MMDIT = "mmdit"  # SD3 / SD3.5: one token set per transformer block
 
 
 class Position(str, Enum):
+    """Where the tokens sit in the text context."""
+
     AFTER_BOS = "after_bos"  # UNet: [h_0 (BOS), s_1..s_n, h_1..h_L]
     APPEND = "append"  # MMDiT, AGSM: [h_1..h_L, s_1..s_n]
     PREPEND = "prepend"  # MMDiT, SoftREPA: [s_1..s_n, h_1..h_L]
 
 
 class Init(str, Enum):
+    """How new tokens are initialised."""
+
     NORMAL = "normal"  # normal(0, init_std), as both official codes
     NULL_PROMPT = "null_prompt"  # every token starts at the BOS state of the empty prompt (official SD1.5 code)
 
@@ -158,9 +164,11 @@ class SoftTokensConfig:
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-ready)."""
         return dataclasses.asdict(self)
 
     def to_json_string(self) -> str:
+        """The config as sorted, indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
@@ -388,5 +396,6 @@ class SoftTokens(nn.Module):
         return tokens + per_layer[:, :, None, :]
 
     def extra_repr(self) -> str:
+        """The banks, tokens and width, for `repr`."""
         c = self.config
         return f"architecture={c.architecture}, banks={c.n_banks}, tokens={c.n_tokens}, dim={c.dim}"

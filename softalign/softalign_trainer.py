@@ -196,6 +196,7 @@ class SoftAlignTrainer:
     # -- derived quantities -------------------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
+        """Number of processes."""
         return self.accelerator.num_processes
 
     @property

@@ -170,6 +170,7 @@ def _sha256(path: Path) -> str:
 
 
 def write_integrity(directory: Path) -> None:
+    """Write `integrity.json`: the SHA-256 and size of every other file in `directory`."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != INTEGRITY_NAME)
     record = {str(p.relative_to(directory)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
     (directory / INTEGRITY_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 
 from softalign.training import list_checkpoints, verify
 
+pytestmark = pytest.mark.slow  # killed and resumed runs in subprocesses: `make test-all`
+
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "crash_train.py"
 STEPS = {"softalign": 14, "ddpo": 10}  # SoftAlign optimiser steps / DDPO epochs of one run

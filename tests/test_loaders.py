@@ -136,3 +136,36 @@ def test_loading_twice_is_refused_until_unloaded(tmp_path):
 def test_save_refuses_objects_without_tokens():
     with pytest.raises(ValueError, match="Expected SoftTokens"):
         loaders._soft_tokens_from(tiny_pipeline("sd15"))
+
+
+def test_adapters_record_their_base_model_and_warn_when_loaded_into_another(tmp_path):
+    import json
+    import warnings
+
+    pipe = tiny_pipeline("sd15")
+    tokens = SoftTokens(SoftTokensConfig.for_family("sd15", dim=context_dim_of(pipe), init="normal"))
+    attach = attach_soft_tokens(pipe, tokens)
+    save_soft_tokens(pipe, tmp_path / "a")
+    attach.detach()
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_class"] == "StableDiffusionPipeline" and config["base_model_config_hash"]
+    assert "base_model_name_or_path" in config
+    assert (
+        SoftTokens.from_pretrained(tmp_path / "a").base_model["base_model_config_hash"]
+        == config["base_model_config_hash"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same base: no warning, and the extra keys are no "unknown keys"
+        unload_soft_tokens(pipe)
+        load_soft_tokens(pipe, tmp_path / "a")
+    other = tiny_pipeline("sd15", cross_attention_dim=context_dim_of(pipe), layers_per_block=2)
+    with pytest.warns(UserWarning, match="were trained on"):
+        load_soft_tokens(other, tmp_path / "a")
+
+
+def test_read_soft_tokens_is_a_deprecated_alias(tmp_path):
+    from softalign import read_soft_tokens
+
+    save_soft_tokens(SoftTokens(SoftTokensConfig.for_family("sd15", dim=32, init="normal")), tmp_path / "a")
+    with pytest.warns(DeprecationWarning, match="SoftTokens.from_pretrained"):
+        assert isinstance(read_soft_tokens(tmp_path / "a"), SoftTokens)

@@ -229,3 +229,26 @@ def test_save_model_then_load_reproduces_the_trained_pipeline(tmp_path):
     assert not torch.equal(untouched, loaded)
     with pytest.raises(FileNotFoundError, match="holds no LoRA adapter: expected pytorch_lora_weights.safetensors"):
         load_lora(fresh, tmp_path)
+
+
+def test_the_unguided_prediction_runs_under_autocast_too(tmp_path):
+    """Defect: with guidance off, DDPOTrainer's prediction skipped the accelerator's autocast (mixed precision)."""
+    import contextlib
+
+    pipe = tiny_pipeline("sd15")
+    trainer = DDPOTrainer(config(tmp_path), brightness, Prompts(), pipe, soft_tokens=tokens_for(pipe, "sd15"))
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        yield
+
+    trainer.accelerator.autocast = autocast
+    conditioning = trainer._conditioning(["a photo of a cat"])
+    latents = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        for guidance in (True, False):
+            entered.clear()
+            output = trainer._predict(latents, torch.tensor([10]), conditioning, guidance=guidance)
+            assert entered and output.dtype == torch.float32, guidance

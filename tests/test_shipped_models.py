@@ -9,6 +9,8 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusi
 from softalign.families import backbone_for
 from softalign.sd3_padding import is_null_t5
 
+pytestmark = pytest.mark.slow  # loads and samples the shipped models: `make test-all`
+
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 

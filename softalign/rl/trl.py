@@ -332,6 +332,7 @@ class TrainableLayers(nn.Module):
         self.lora_names = list(lora_parameters)
 
     def forward(self, *args, **kwargs):
+        """Refuses: this module only holds parameters."""
         raise RuntimeError("TrainableLayers only holds the trained parameters; run the pipeline's UNet instead.")
 
 
@@ -442,10 +443,12 @@ class SoftTokenDDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
 
     @property
     def soft_tokens(self) -> SoftTokens | None:
+        """The soft tokens the pipeline carries (`None` without any)."""
         return None if self.injection is None else self.injection.soft_tokens
 
     @property
     def autocast(self):
+        """trl's autocast context for the UNet calls: none (see the comment below)."""
         # The frozen UNet runs in the trainer's inference dtype; the trained tensors stay float32 and are cast per call
         # (the hooks cast the tokens to the context dtype, PEFT casts LoRA inputs), so no autocast is needed. trl
         # makes the same choice for LoRA.
