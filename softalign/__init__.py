@@ -14,7 +14,8 @@ from .loaders import (
 )
 from .soft_tokens import SoftTokens, SoftTokensConfig
 from .softalign_config import SoftAlignConfig
-from .softalign_trainer import AlignmentTerm, SoftAlignTrainer
+from .alignment_term import AlignmentTerm
+from .softalign_trainer import SoftAlignTrainer
 from .training import TrainerState
 from .version import __version__
 

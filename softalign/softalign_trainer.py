@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import objectives
+from .alignment_term import AlignmentTerm, as_alignment_term  # noqa: F401 (re-exported)
 from .cache import EncodingCache
-from .data import as_examples
+from .data import as_examples, distinct_caption_order, shared_caption_warning
 from .families import backbone_for, freeze
 from .run_lock import RunLock
 from .soft_tokens import SoftTokens
@@ -53,70 +54,6 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 RUN_CONFIG_NAME = "softalign_config.json"
-
-
-class AlignmentTerm:
-    """SoftAlign's objective as a term another trainer adds to its own optimiser step ("alongside").
-
-    Every trainer that trains alongside (`DDPOTrainer`, `DiffusionDPOTrainer`, the TRL adapter, the step benchmark)
-    uses it the same way, once per optimiser step `k`:
-
-    1. `term.backward(k, weight)` (or `weight * term.loss(k)` added to the trainer's own loss) before the optimiser
-       step, on the same parameters;
-    2. `term.after_optimizer_step()` after it (AGSM: moves the EMA tokens that score the candidates);
-    3. `term.state_dict()` / `term.load_state_dict()` in the trainer's checkpoint (the SoftAlign tensors, EMA
-       included), so a resumed run continues exactly.
-
-    Get it from [`SoftAlignTrainer.alignment_term`].
-    """
-
-    def __init__(self, trainer: SoftAlignTrainer):
-        self.trainer = trainer
-
-    def prepare(self) -> None:
-        """Encode the image-caption data once (a no-op when already done)."""
-        if self.trainer.data is None:
-            self.trainer.prepare_data()
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        """The trained SoftAlign parameters (the same tensors the other trainer trains, where they overlap)."""
-        return self.trainer.trained.parameters()
-
-    def loss(self, step: int) -> torch.Tensor:
-        """The objective on the micro-batch of `step`, with its graph (no backward). Keeps every chunk's graph:
-        prefer [`backward`] where the caller can backpropagate the term on its own."""
-        self.prepare()
-        losses = [loss for loss, _, _ in self.trainer._chunk_losses(step, 0)]
-        return torch.stack(losses).sum()
-
-    def backward(self, step: int, weight: float = 1.0) -> dict:
-        """Backpropagate `weight` times the objective on the micro-batch of `step` (chunk by chunk, so memory stays
-        bounded); returns its diagnostics (loss, win rate, ...)."""
-        self.prepare()
-        return self.trainer._micro_step(step, 0, loss_scale=weight)
-
-    def after_optimizer_step(self) -> None:
-        """What SoftAlign does after each optimiser step besides the step itself: AGSM's EMA update."""
-        trainer = self.trainer
-        if trainer.args.objective == "agsm":
-            trainer.trained.update_ema(trainer.args.ema_decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The SoftAlign tensors (trained and EMA), for the other trainer's checkpoint."""
-        return self.trainer.trained.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what [`state_dict`] returned."""
-        self.trainer.trained.load_state_dict(state)
-
-
-def as_alignment_term(alongside) -> AlignmentTerm | None:
-    """`alongside` as an [`AlignmentTerm`]: a [`SoftAlignTrainer`] gives its term; a term (or `None`) passes."""
-    if alongside is None or isinstance(alongside, AlignmentTerm):
-        return alongside
-    if isinstance(alongside, SoftAlignTrainer):
-        return alongside.alignment_term()
-    raise TypeError(f"alongside must be a SoftAlignTrainer or an AlignmentTerm, got {type(alongside).__name__}.")
 
 
 class SoftAlignTrainer:
@@ -254,32 +191,12 @@ class SoftAlignTrainer:
         return self.data
 
     def _check_captions(self) -> None:
-        """Warn, with counts, when images share a caption: a negative with the image's own caption is no negative (such
-        a pair can never be won). Without keep_groups, negatives are then drawn from differing captions where the
-        data allow it (the official codes draw them from the batch as it comes, with the same flaw)."""
-        rows = self.data.caption_rows.tolist()
-        group = self.args.negatives_per_positive + 1
-        distinct = len(set(rows))
-        if distinct == len(rows):
-            return
-        shared = len(rows) - distinct
-        if self.args.keep_groups:
-            groups = [rows[i : i + group] for i in range(0, len(rows) - group + 1, group)]
-            bad = sum(len(set(g)) < len(g) for g in groups)
-            remedy = f"keep_groups is on, so the dataset's groups are used as given: {bad} of {len(groups)} hold a repeated caption"
-        elif distinct < group:
-            remedy = (
-                f"only {distinct} distinct captions for groups of {group} (negatives_per_positive + 1), so some "
-                "negatives must repeat their image's caption; add captions or lower negatives_per_positive"
-            )
-        else:
-            remedy = "negatives are drawn from captions that differ from the image's own where possible"
-        warnings.warn(
-            f"{shared} of {len(rows)} examples repeat another example's caption ({distinct} distinct captions); a "
-            f"negative with the image's own caption cannot be told apart from the positive (win rate 0 for it); "
-            f"{remedy}.",
-            stacklevel=3,
+        """Warn, with counts, when images share a caption (see [`shared_caption_warning`])."""
+        message = shared_caption_warning(
+            self.data.caption_rows.tolist(), self.args.negatives_per_positive + 1, self.args.keep_groups
         )
+        if message is not None:
+            warnings.warn(message, stacklevel=3)
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         return step_generator(self.args.seed, step, micro, self.accelerator.process_index)
@@ -301,34 +218,12 @@ class SoftAlignTrainer:
         return order[start : start + b]
 
     def _distinct_caption_order(self, epoch: int, order: torch.Tensor) -> torch.Tensor:
-        """`order` rearranged so each consecutive group of negatives_per_positive + 1 examples has distinct captions
-        where the remaining examples allow it; unchanged when every caption is distinct."""
-        rows = self.data.caption_rows
-        if len(set(rows.tolist())) == len(rows):
-            return order
+        """`order` with each group's captions distinct where the data allow it (computed once per epoch)."""
         cached = getattr(self, "_order_cache", None)
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        group, caption_of = self.args.negatives_per_positive + 1, rows.tolist()
-        pending, arranged = order.tolist(), []
-        while pending:
-            chosen, used, skipped, position = [], set(), [], 0
-            while len(chosen) < group and position < len(pending):
-                index = pending[position]
-                position += 1
-                if caption_of[index] in used:
-                    skipped.append(index)
-                else:
-                    chosen.append(index)
-                    used.add(caption_of[index])
-            rest = skipped + pending[position:]
-            filler = group - len(chosen)  # too few distinct captions left: complete the group as they come
-            chosen, rest = chosen + rest[:filler], rest[filler:]
-            arranged += chosen
-            pending = rest
-        result = torch.tensor(arranged, dtype=order.dtype)
-        self._order_cache = (epoch, result)
-        return result
+        if cached is None or cached[0] != epoch:
+            group = self.args.negatives_per_positive + 1
+            self._order_cache = (epoch, distinct_caption_order(order, self.data.caption_rows, group))
+        return self._order_cache[1]
 
     # -- one micro-batch ------------------------------------------------------------------------------------------
     def alignment_loss(self, step: int) -> torch.Tensor:

@@ -151,7 +151,7 @@ def read_config_file(path: str | os.PathLike, kind: str = "config") -> dict:
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of {kind} fields, got {type(data).__name__}.")
+        raise ValueError(f"{path}: expected a mapping of {kind} fields, got {type(data).__name__}.")
     return data
 
 

@@ -10,7 +10,7 @@ A life is a tiny sd15 run that always starts with `resume_from_checkpoint="lates
 - `step N` when step N (SoftAlign: optimiser steps, 1-based) or epoch N (DDPO: after its sampling, 0-based) is reached,
 - `saved checkpoint-N` once checkpoint N is published (renamed into place),
 - `done` after the final trainable state is written to RESULT_FILE (safetensors, every tensor of
-  `trainer.trainable.state_dict()`).
+  `trainer.trained.state_dict()`).
 
 With `kill_in_save=N` (`CRASH_KILL_IN_SAVE=N` in the environment for a single run), the life SIGKILLs itself while
 checkpoint N is being written (its files are in the staging directory; the integrity record and the rename are still
@@ -131,7 +131,7 @@ def life(kind: str, output_dir: str, result: str, steps: int, kill_in_save: int 
 
     trainer._load_checkpoint = load_and_report
     trainer.train()
-    state = {k: v.detach().cpu().contiguous() for k, v in trainer.trainable.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in trainer.trained.state_dict().items()}
     save_file(state, result + ".tmp")
     os.replace(result + ".tmp", result)
     say("done")

@@ -285,9 +285,9 @@ def _nonfinite_loss(value: float, mode: str = "stop"):
             return loss + value, diagnostics
 
         trainer._chunk_loss = broken
-        before = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
+        before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
         state = trainer.train()
-        unchanged = all(torch.equal(v, trainer.trainable.state_dict()[k]) for k, v in before.items())
+        unchanged = all(torch.equal(v, trainer.trained.state_dict()[k]) for k, v in before.items())
         if not unchanged:
             raise AssertionError("a skipped non-finite step changed the parameters")
         return f"{state.skipped_steps} of {trainer.args.max_steps} steps skipped, parameters unchanged"

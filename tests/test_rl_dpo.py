@@ -108,7 +108,7 @@ def test_chaining_softalign_ddpo_and_dpo_on_one_set_of_tokens(tmp_path):
     dpo.train()
     snapshots.append(tokens.tokens.detach().clone())
     assert not torch.equal(snapshots[0], snapshots[1]) and not torch.equal(snapshots[1], snapshots[2])
-    assert dpo.trainable.injection is stage1.trainable.injection  # one attachment, shared by every stage
+    assert dpo.trained.injection is stage1.trained.injection  # one attachment, shared by every stage
 
 
 def test_bad_preference_rows_are_named(tmp_path):

@@ -68,8 +68,8 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     )
     second.train()
     assert second.state.global_step == 5
-    for name, value in whole.trainable.state_dict().items():
-        assert torch.equal(value, second.trainable.state_dict()[name]), name  # online and EMA tokens
+    for name, value in whole.trained.state_dict().items():
+        assert torch.equal(value, second.trained.state_dict()[name]), name  # online and EMA tokens
     assert [r["loss"] for r in whole.state.log_history] == [r["loss"] for r in second.state.log_history]
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == [
         "checkpoint-3",
@@ -175,8 +175,8 @@ def test_lora_adapters_each_learn_only_from_their_own_pairs(tmp_path):
     pipe = tiny_pipeline("sd15")
     lora = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
     trainer = SoftAlignTrainer(pipe, config(tmp_path, max_steps=2), PAIRS, peft_config=lora)
-    assert trainer.soft_tokens is None and trainer.trainable.adapters == ["softalign_pos", "softalign_neg"]
-    trainable = trainer.trainable
+    assert trainer.soft_tokens is None and trainer.trained.adapters == ["softalign_pos", "softalign_neg"]
+    trainable = trainer.trained
     x = torch.randn(4, 4, 16, 16)
     context = torch.randn(4, 5, 32)
 
@@ -297,11 +297,17 @@ def test_shared_captions_warn_with_counts_and_negatives_come_from_differing_capt
 
 
 def test_distinct_captions_keep_the_data_order():
-    """Where every caption is distinct, negatives are drawn exactly as before (one permutation per epoch)."""
-    trainer = SoftAlignTrainer.__new__(SoftAlignTrainer)
-    trainer.data = type("Data", (), {"caption_rows": torch.arange(8)})()
+    """Where every caption is distinct, negatives are drawn exactly as before (one permutation per epoch); where
+    they repeat, each group holds distinct captions as long as the remaining examples allow it."""
+    from softalign.data import distinct_caption_order
+
     order = torch.randperm(8)
-    assert torch.equal(trainer._distinct_caption_order(0, order), order)
+    assert torch.equal(distinct_caption_order(order, torch.arange(8), 4), order)
+    captions = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    arranged = distinct_caption_order(torch.arange(8), captions, 2)
+    assert sorted(arranged.tolist()) == list(range(8))
+    pairs = captions[arranged].reshape(-1, 2)
+    assert all(a != b for a, b in pairs.tolist())
 
 
 def test_deprecated_names_still_work_and_warn(tmp_path):

@@ -42,6 +42,6 @@ else:
 
 assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
 rank = trainer.accelerator.process_index
-save_file(trainer.trainable.state_dict(), f"{out}/{kind}-init-rank{rank}.safetensors")
+save_file(trainer.trained.state_dict(), f"{out}/{kind}-init-rank{rank}.safetensors")
 trainer.train()
-save_file(trainer.trainable.state_dict(), f"{out}/{kind}-rank{rank}.safetensors")
+save_file(trainer.trained.state_dict(), f"{out}/{kind}-rank{rank}.safetensors")

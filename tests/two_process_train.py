@@ -16,5 +16,5 @@ config = SoftAlignConfig(output_dir=out, max_steps=3, resolution=32, save_steps=
 trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config, shapes_pairs())
 trainer.train()
 rank = trainer.accelerator.process_index
-save_file(trainer.trainable.state_dict(), f"{out}/rank{rank}.safetensors")
+save_file(trainer.trained.state_dict(), f"{out}/rank{rank}.safetensors")
 assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
