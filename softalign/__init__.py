@@ -1,5 +1,6 @@
 """softalign: reward-free soft-token alignment (AGSM, SoftREPA) and RL post-training for diffusion models."""
 
+from .alignment_term import AlignmentTerm
 from .convert import convert_official_tokens, load_foreign_tensor
 from .families import family_of
 from .injection import SoftTokenInjection, attach_soft_tokens, injection_of
@@ -14,7 +15,6 @@ from .loaders import (
 )
 from .soft_tokens import SoftTokens, SoftTokensConfig
 from .softalign_config import SoftAlignConfig
-from .alignment_term import AlignmentTerm
 from .softalign_trainer import SoftAlignTrainer
 from .training import TrainerState
 from .version import __version__
