@@ -114,3 +114,30 @@ def test_only_the_family_module_names_families():
             if pattern.search(node.value):
                 mentions.append(f"{name}:{node.lineno}: {node.value[:60]!r}")
     assert mentions == []
+
+
+def test_recipes_and_notebooks_use_the_public_api():
+    """Recipes and notebooks are short scripts a user can copy: no `sys.path` edits, nothing from `softalign.cli`,
+    no private names."""
+    import json
+
+    root = PACKAGE.parent
+    sources = {str(p): p.read_text(encoding="utf-8") for p in sorted((root / "recipes").glob("*.py"))}
+    for notebook in sorted((root / "notebooks").glob("*.ipynb")):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        sources[str(notebook)] = "\n".join(
+            line for cell in code for line in cell.splitlines() if not line.startswith("%")
+        )
+    problems = []
+    for name, source in sources.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+                problems.append(f"{name}:{node.lineno}: sys.path")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("softalign"):
+                if node.module.startswith("softalign.cli"):
+                    problems.append(f"{name}:{node.lineno}: imports from softalign.cli")
+                problems += [f"{name}:{node.lineno}: private {a.name}" for a in node.names if a.name.startswith("_")]
+                if any(part.startswith("_") for part in node.module.split(".")):
+                    problems.append(f"{name}:{node.lineno}: private module {node.module}")
+    assert problems == []
