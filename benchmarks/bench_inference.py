@@ -16,7 +16,7 @@ import time
 import torch
 
 from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
-from softalign.backbones import context_dim_of
+from softalign.families import context_dim_of
 from softalign.testing import tiny_pipeline
 
 PROMPTS = ["a photo of a cat", "two red circles", "a blue square above a green triangle", "three stars"]

@@ -25,9 +25,9 @@ import time
 import torch
 
 from softalign import objectives
-from softalign.config import SoftAlignConfig
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 GROUP = 4  # one positive, three negatives
 
@@ -71,9 +71,9 @@ def naive_step(trainer, pairs, indices, t, noise, eps):
     latents = (mean + std * eps).to(device)
     captions = [pairs[i][1] for i in indices.tolist()]
     conditioning = backbone.encode_prompts(captions)["prompt_embeds"]  # the text encoder, every step
-    noisy = objectives.add_noise(latents, noise, t, backbone.prediction_type, backbone.alphas_cumprod)
-    target = objectives.training_target(latents, noise, t, backbone.prediction_type, backbone.alphas_cumprod)
-    injection, n = trainer.trainable.injection, latents.shape[0]
+    noisy = backbone.add_noise(latents, noise, t)
+    target = backbone.training_target(latents, noise, t)
+    injection, n = trainer.trained.injection, latents.shape[0]
     total = 0.0
     for i in range(n):
         group = (i // GROUP) * GROUP + torch.arange(GROUP, device=device)
@@ -82,7 +82,7 @@ def naive_step(trainer, pairs, indices, t, noise, eps):
         x = noisy[i : i + 1].expand(GROUP, -1, -1, -1)
         with injection.use_banks(banks):
             prediction = backbone.predict(x, t.expand(GROUP), {"prompt_embeds": conditioning[group]})
-            with torch.no_grad(), injection.swapped(trainer.trainable.ema_tokens):
+            with torch.no_grad(), injection.swapped(trainer.trained.ema_tokens):
                 ema = backbone.predict(x, t.expand(GROUP), {"prompt_embeds": conditioning[group]})
         terms = objectives.agsm_rows(
             prediction[None], ema[None], target[i : i + 1, None], label, a.gamma_pos, a.gamma_neg, a.temperature
@@ -92,7 +92,7 @@ def naive_step(trainer, pairs, indices, t, noise, eps):
         total += loss.item()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.trainable.update_ema(a.ema_decay)
+    trainer.trained.update_ema(a.ema_decay)
     return total
 
 
@@ -110,7 +110,7 @@ def step_inputs(trainer, step):
 
 def check_same_loss(batch: int, size: int, device: str) -> float:
     trainer, pairs = make_trainer(batch, size, device)
-    ours = trainer._micro_step(0, 0)["loss"]
+    ours = trainer.alignment_term().backward(0)["loss"]  # the public "alongside" contract: one step's term
     trainer.optimizer.zero_grad(set_to_none=True)
     naive = naive_step(trainer, pairs, *step_inputs(trainer, 0))
     return abs(ours - naive)

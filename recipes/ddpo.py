@@ -19,9 +19,7 @@ from pathlib import Path
 
 import torch
 
-from softalign import SoftTokens, SoftTokensConfig, read_soft_tokens
-from softalign.backbones import context_dim_of, family_of
-from softalign.cli import load_pipeline
+from softalign import SoftTokens, load_pipeline, lora_config
 from softalign.rl import DDPOConfig, DDPOTrainer, GenEvalReward, jpeg_compressibility
 from softalign.shapes.data import prompt_sampler
 from softalign.shapes.prompts import parse_tags, split_prompts
@@ -73,9 +71,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     if args.soft_tokens:
-        tokens = read_soft_tokens(args.soft_tokens)
+        tokens = SoftTokens.from_pretrained(args.soft_tokens)
     else:
-        tokens = SoftTokens(SoftTokensConfig.for_family(family_of(pipe), dim=context_dim_of(pipe)))
+        tokens = SoftTokens.for_pipeline(pipe)  # initialised as its config says (SD1.x: the null-prompt BOS state)
     if args.prompts:
         texts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         lines = [{"prompt": text} for text in texts]
@@ -89,12 +87,7 @@ def main(argv=None) -> int:
             lines = [line for line in lines if line["tag"] in wanted]
     prompt_fn = prompt_sampler(lines, seed=args.seed)
     reward = jpeg_compressibility if args.reward == "jpeg" else GenEvalReward(dense=args.reward == "geneval")
-    peft = None
-    if args.train_lora:
-        from peft import LoraConfig
-
-        rank = args.lora_rank
-        peft = LoraConfig(r=rank, lora_alpha=rank, target_modules=args.lora_targets.split(","))
+    peft = lora_config(args.lora_rank, args.lora_targets.split(",")) if args.train_lora else None
     config = DDPOConfig(
         output_dir=args.out,
         num_epochs=args.epochs,
@@ -118,7 +111,7 @@ def main(argv=None) -> int:
         heldout = [line for line in split_prompts("heldout") if line["tag"] in wanted]
         train_with_heldout_curve(trainer, pipe, args, heldout)
     else:
-        for record in trainer.train():
+        for record in trainer.train().log_history:
             print(f"epoch {record['epoch']}: reward {record['reward_mean']:.3f}")
     trainer.save_model(Path(args.out) / "adapter")
     return 0
@@ -161,7 +154,7 @@ def train_with_heldout_curve(trainer, pipe, args, heldout: list[dict]) -> None:
         if epoch >= args.epochs:
             break
         epoch = min(args.epochs, epoch + args.eval_every)
-        for record in trainer.train(epochs=epoch)[-args.eval_every :]:
+        for record in trainer.train(epochs=epoch).log_history[-args.eval_every :]:
             print(f"epoch {record['epoch']}: reward {record['reward_mean']:.3f}", flush=True)
 
 

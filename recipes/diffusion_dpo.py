@@ -14,9 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from softalign import SoftTokens, SoftTokensConfig, read_soft_tokens, save_soft_tokens
-from softalign.backbones import context_dim_of, family_of
-from softalign.cli import load_pipeline
+from softalign import SoftTokens, load_pipeline, lora_config
 from softalign.rl import DiffusionDPOConfig, DiffusionDPOTrainer
 
 
@@ -50,31 +48,25 @@ def main(argv=None) -> int:
     parser.add_argument("--sample-steps", type=int, default=20)
     args = parser.parse_args(argv)
     pipe = load_pipeline(args.model)
-    tokens = (
-        read_soft_tokens(args.soft_tokens)
-        if args.soft_tokens
-        else SoftTokens(SoftTokensConfig.for_family(family_of(pipe), dim=context_dim_of(pipe), objective="softrepa"))
-    )
+    if args.soft_tokens:
+        tokens = SoftTokens.from_pretrained(args.soft_tokens)
+    else:  # initialised as its config says (SD1.x: the null-prompt BOS state)
+        tokens = SoftTokens.for_pipeline(pipe, objective="softrepa")
     if args.pairs:
         pairs = read_pairs(Path(args.pairs))
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from softalign_then_ddpo import preference_pairs
-
         from softalign.shapes.detector import ShapesDetector
+        from softalign.shapes.pairs import preference_pairs
         from softalign.shapes.prompts import split_prompts
 
-        settings = argparse.Namespace(seed=0, sample_steps=args.sample_steps, guidance_scale=5.0)
-        pairs = preference_pairs(pipe, settings, split_prompts("train"), ShapesDetector.load())
-    peft = None
-    if args.train_lora:
-        from peft import LoraConfig
-
-        peft = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        pairs = preference_pairs(pipe, split_prompts("train"), ShapesDetector.load(), sample_steps=args.sample_steps)
+    peft = lora_config(4) if args.train_lora else None
     config = DiffusionDPOConfig(output_dir=args.out, beta=args.beta, loss_type=args.loss_type, max_steps=args.max_steps)
-    history = DiffusionDPOTrainer(pipe, config, pairs, soft_tokens=tokens, peft_config=peft).train()
-    print(f"final loss {history[-1]['loss']:.4f}, implicit accuracy {history[-1]['implicit_accuracy']:.2f}")
-    save_soft_tokens(tokens, Path(args.out) / "adapter")
+    trainer = DiffusionDPOTrainer(pipe, config, pairs, soft_tokens=tokens, peft_config=peft)
+    last = trainer.train().log_history[-1]
+    print(f"final loss {last['loss']:.4f}, implicit accuracy {last['implicit_accuracy']:.2f}")
+    path = trainer.save_model()  # <out>/adapter, and <out>/lora/softalign with --train-lora
+    print(f"adapter: {path}")
     return 0
 
 

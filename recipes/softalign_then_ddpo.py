@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +67,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.softalign_overrides, args.stage2_overrides = {}, {}
     if args.config:
-        import yaml
+        from softalign.training import read_config_file
 
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        data = read_config_file(args.config, "recipe")
         # nested mappings override the trainers' configs (SoftAlignConfig / DDPOConfig or DiffusionDPOConfig)
         args.softalign_overrides = data.pop("softalign", {}) or {}
         args.stage2_overrides = data.pop("stage2_config", {}) or {}
@@ -89,25 +88,6 @@ def parse_args(argv=None):
         except ValueError as error:
             parser.error(f"--stage2-tags: {error}")
     return args
-
-
-def shapes_pairs(n: int, seed: int, count_groups: float = 0.0, group: int = 4):
-    """`n` renders of training-split prompts in groups of `group` (each image's candidate captions): a share
-    `count_groups` of the groups are one class at different counts (hard negatives), the rest tag-uniform draws."""
-    from softalign.shapes.data import count_group, sample_metadata
-    from softalign.shapes.prompts import split_prompts
-    from softalign.shapes.render import render_scene
-
-    rng = np.random.default_rng(seed)
-    lines = split_prompts("train")
-    pairs = []
-    for _ in range(n // group):
-        hard = count_groups and rng.random() < count_groups  # no draw at 0: the same renders as without groups
-        members = count_group(rng, lines, group) if hard else None
-        for i in range(group):
-            line = members[i] if hard else sample_metadata(rng, lines)  # drawn just before its render, as ever
-            pairs.append((render_scene(line, rng)[0], line["prompt"]))
-    return pairs
 
 
 def evaluate(pipe, args, name: str, detector) -> dict:
@@ -142,19 +122,17 @@ def configured(config_class, overrides: dict, section: str, **defaults):
 
 
 def stage2(pipe, args, tokens, stage1_trainer, detector):
+    from softalign import lora_config
     from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer, GenEvalReward
     from softalign.shapes.data import prompt_sampler
+    from softalign.shapes.pairs import preference_pairs
     from softalign.shapes.prompts import parse_tags, split_prompts
 
     lines = split_prompts("train")
     if args.stage2_tags:
         wanted = parse_tags(args.stage2_tags)
         lines = [line for line in lines if line["tag"] in wanted]
-    peft = None
-    if args.train_lora:
-        from peft import LoraConfig
-
-        peft = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    peft = lora_config(4) if args.train_lora else None
     out = Path(args.out) / "stage2"
     if args.stage2 == "ddpo":
         prompt_fn = prompt_sampler(lines, seed=args.seed)
@@ -185,9 +163,9 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
             peft_config=peft,
             alongside=stage1_trainer if args.alongside else None,
         )
-        history = trainer.train()
+        history = trainer.train().log_history
         return trainer, [{"step": r["epoch"] + 1, "value": r["reward_mean"]} for r in history], "mean dense reward"
-    pairs = preference_pairs(pipe, args, lines, detector)
+    pairs = preference_pairs(pipe, lines, detector, args.seed, args.sample_steps, args.guidance_scale)
     config = configured(
         DiffusionDPOConfig,
         args.stage2_overrides,
@@ -201,40 +179,20 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
     trainer = DiffusionDPOTrainer(
         pipe, config, pairs, soft_tokens=tokens, peft_config=peft, alongside=stage1_trainer if args.alongside else None
     )
-    history = trainer.train()
+    history = trainer.train().log_history
     return trainer, [{"step": r["step"], "value": r["loss"]} for r in history], "DPO loss"
-
-
-def preference_pairs(pipe, args, lines, detector) -> list[dict]:
-    """Preferred: a render of the prompt; rejected: one of the model's samples that fails GenEval's rules."""
-    from softalign.eval.rules import evaluate_detections
-    from softalign.shapes.render import render_scene
-
-    rng = np.random.default_rng(args.seed)
-    pairs = []
-    for index in rng.permutation(len(lines))[:64]:
-        line = lines[int(index)]
-        image = pipe(
-            line["prompt"],
-            num_inference_steps=args.sample_steps,
-            guidance_scale=args.guidance_scale,
-            generator=torch.Generator().manual_seed(int(index)),
-        ).images[0]
-        if not evaluate_detections(detector(image), line)[0]:
-            pairs.append({"caption": line["prompt"], "chosen": render_scene(line, rng)[0], "rejected": image})
-    return pairs
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from softalign import SoftAlignConfig, SoftAlignTrainer, save_soft_tokens
-    from softalign.backbones import denoiser_of
-    from softalign.cli import load_pipeline
+    from softalign import SoftAlignConfig, SoftAlignTrainer, load_pipeline, save_soft_tokens
     from softalign.curves import plot_curves
-    from softalign.distributed import make_accelerator
     from softalign.eval.report import compare
+    from softalign.families import image_side
     from softalign.shapes.detector import ShapesDetector
+    from softalign.shapes.pairs import shapes_pairs
+    from softalign.training import make_accelerator
 
     started = time.time()
     out = Path(args.out)
@@ -271,7 +229,7 @@ def main(argv=None) -> int:
         train_batch_size=8,
         chunk_size=8,
         ema_decay=0.99,
-        resolution=denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor,
+        resolution=image_side(pipe),
         keep_groups=bool(args.count_groups) and not args.data,  # count groups must stay whole
     )
     group = stage1_config.negatives_per_positive + 1

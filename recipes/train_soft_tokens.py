@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from softalign import SoftAlignConfig, SoftAlignTrainer
-from softalign.backbones import denoiser_of
-from softalign.cli import load_pipeline
+from softalign import SoftAlignConfig, SoftAlignTrainer, load_pipeline
+from softalign.families import image_side
+from softalign.shapes.pairs import shapes_pairs
 
 
 def main(argv=None) -> int:
@@ -33,9 +33,6 @@ def main(argv=None) -> int:
     if args.data:
         data = args.data
     else:
-        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-        from softalign_then_ddpo import shapes_pairs
-
         data = shapes_pairs(args.images, seed=0)
     config = SoftAlignConfig(
         output_dir=args.out,
@@ -44,7 +41,7 @@ def main(argv=None) -> int:
         train_batch_size=args.batch_size,
         chunk_size=args.batch_size,
         save_steps=0,
-        resolution=denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor,
+        resolution=image_side(pipe),
     )
     trainer = SoftAlignTrainer(pipe, config, data)
     trainer.train()

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 
 def generate(args) -> None:
-    from softalign.cli import load_pipeline
+    from softalign import load_pipeline
     from softalign.shapes.prompts import split_prompts
     from softalign.shapes.vocabulary import TAGS
 

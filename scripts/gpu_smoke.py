@@ -22,13 +22,13 @@ import torch
 from accelerate.state import AcceleratorState
 
 from softalign import SoftTokens, SoftTokensConfig
-from softalign.backbones import context_dim_of
-from softalign.config import SoftAlignConfig
+from softalign.families import context_dim_of
 from softalign.rl import DDPOConfig, DDPOTrainer, DiffusionDPOConfig, DiffusionDPOTrainer
 from softalign.shapes.prompts import split_prompts
 from softalign.shapes.render import render_scene
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 RESOLUTION = 32
 

@@ -24,7 +24,7 @@ torch.set_num_threads(1 if TINY else 2)
 ROOT = Path(os.environ.get("SOFTALIGN_ROOT", "..")).resolve()
 WORK = Path(os.environ.get("SOFTALIGN_NOTEBOOK_DIR", "runs/notebooks"))"""
 
-LOAD = """from softalign.cli import load_pipeline
+LOAD = """from softalign import load_pipeline
 from softalign.testing import tiny_pipeline
 
 if TINY or not (ROOT / "models" / "shapes-sd15" / "model_index.json").is_file():
@@ -177,10 +177,8 @@ print("tokens after TRL DDPO:", align.soft_tokens.tokens.norm().item())""",
         ("md", "## Alongside: the AGSM term added to every DDPO step"),
         (
             "code",
-            """step = iter(range(10**9))
-alongside = SoftAlignDDPOTrainer(config, reward_fn, prompt_fn, pipeline,
-                                 alongside_loss_fn=lambda: align.alignment_loss(next(step)), alongside_weight=0.5)
-alongside.train()
+            """alongside = SoftAlignDDPOTrainer(config, reward_fn, prompt_fn, pipeline, alongside=align, alongside_weight=0.5)
+alongside.train()  # AGSM's term on each step, its EMA after each step, its tensors in each checkpoint
 print("last alongside loss:", alongside.last_alongside_loss)""",
         ),
     ],
@@ -215,9 +213,10 @@ pipe = tiny_pipeline("sd15", cross_attention_dim=768)""",
         ),
         (
             "code",
-            """from softalign.cli import main as softalign_cli
+            """from softalign import convert_official_tokens, save_soft_tokens
 
-softalign_cli(["convert", str(release), str(WORK / "softrepa-sd15"), "--format", "softrepa"])""",
+# the same as `softalign convert <release> <out> --format softrepa` on the command line
+save_soft_tokens(convert_official_tokens(release, format="softrepa"), WORK / "softrepa-sd15")""",
         ),
         (
             "code",

@@ -50,6 +50,7 @@ def module_fingerprint(module) -> str:
 
 
 def pipeline_fingerprint(pipe, family: str, resolution: int, center_crop: bool, layout: str = "stock") -> str:
+    """The cache key of a pipeline's encodings: VAE and text-encoder weights, tokenizers, family, preprocessing."""
     parts = {"format": CACHE_FORMAT, "family": family, "resolution": resolution, "center_crop": center_crop}
     if layout != "stock":  # conditioning shaped unlike the pipeline's own (keys of stock layouts stay as they were)
         parts["conditioning_layout"] = layout
@@ -67,6 +68,8 @@ def pipeline_fingerprint(pipe, family: str, resolution: int, center_crop: bool, 
 
 @dataclass
 class CacheStats:
+    """What one `encode` call did: images and captions encoded or reused, and the images skipped."""
+
     images_encoded: int = 0
     images_reused: int = 0
     captions_encoded: int = 0

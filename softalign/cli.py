@@ -4,7 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+
+from .loaders import load_pipeline  # noqa: F401 (its old home; import it from softalign)
+
+# transformers warns, once per class, that image processors fall back to PIL without torchvision; softalign loads no
+# image processor (the pipelines' feature extractors are unused), so the CLI keeps these lines out of its output.
+_OPTIONAL_BACKEND_NOTICE = "requires torchvision (not installed)"
+
+
+class _DropOptionalBackendNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _OPTIONAL_BACKEND_NOTICE not in record.getMessage()
+
+
+def quiet_optional_backends() -> None:
+    """Drop transformers' "requires torchvision" notices (idempotent)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropOptionalBackendNotices) for f in logger.filters):
+        logger.addFilter(_DropOptionalBackendNotices())
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -24,37 +43,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_pipeline(path: str):
-    """A diffusers pipeline from a local directory (never downloads)."""
-    from pathlib import Path
-
-    from diffusers import DiffusionPipeline
-
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json).")
-    # components saved as null (e.g. an SD3 pipeline without T5): diffusers wants them passed as None explicitly
-    absent = {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[:1] == [None]}
-    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **absent)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _train(args: argparse.Namespace) -> int:
     from .cli_args import build_config
-    from .config import SoftAlignConfig
-    from .loaders import read_soft_tokens
-    from .trainer import SoftAlignTrainer
+    from .loaders import lora_config
+    from .soft_tokens import SoftTokens
+    from .softalign_config import SoftAlignConfig
+    from .softalign_trainer import SoftAlignTrainer
 
     config = build_config(SoftAlignConfig, args, args.config)
     pipe = load_pipeline(args.model)
-    soft_tokens = read_soft_tokens(args.soft_tokens) if args.soft_tokens else None
-    peft_config = None
-    if args.lora_rank:
-        from peft import LoraConfig
-
-        targets = ["to_q", "to_k", "to_v", "to_out.0"]
-        peft_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=targets)
+    soft_tokens = SoftTokens.from_pretrained(args.soft_tokens) if args.soft_tokens else None
+    peft_config = lora_config(args.lora_rank) if args.lora_rank else None
     trainer = SoftAlignTrainer(pipe, config, args.data, soft_tokens=soft_tokens, peft_config=peft_config)
     trainer.train()
     path = trainer.save_model()
@@ -115,7 +114,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from .eval.paired import paired_tests
@@ -151,8 +149,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `softalign train | eval | compare | convert`."""
     parser = argparse.ArgumentParser(prog="softalign", description="Soft-token alignment for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    from .families import FAMILIES
 
     convert = commands.add_parser(
         "convert", help="Convert released SoftREPA / AGSM .pth tokens into a softalign adapter directory."
@@ -160,14 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="Directory with the .pth files (or the token file itself).")
     convert.add_argument("out", help="Adapter directory to write.")
     convert.add_argument("--format", required=True, choices=["softrepa", "agsm"], help="Which paper's release.")
-    convert.add_argument("--family", choices=["sd15", "sd2", "sdxl", "sd3"], help="Model family (default: inferred).")
+    convert.add_argument("--family", choices=FAMILIES, help="Model family (default: inferred).")
     convert.add_argument(
         "--unet-blocks", nargs="+", choices=["down", "mid", "up"], help="UNet block groups the tokens were trained on."
     )
     convert.set_defaults(handler=_convert)
 
     from .cli_args import add_dataclass_flags
-    from .config import SoftAlignConfig
+    from .softalign_config import SoftAlignConfig
 
     train = commands.add_parser("train", help="Train soft tokens (and/or a LoRA) with AGSM or SoftREPA.")
     train.add_argument("--config", help="YAML file of SoftAlignConfig fields (flags override it).")
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `softalign` command with `argv` (default: `sys.argv[1:]`); returns the exit status."""
+    quiet_optional_backends()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -46,17 +46,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 def build_config(cls, args: argparse.Namespace, config_file: str | None):
     """The dataclass from the YAML file (if any) updated with the flags that were given."""
-    import yaml
+    from .training import read_config_file
 
-    data: dict = {}
-    if config_file:
-        with open(config_file, encoding="utf-8") as handle:
-            try:
-                data = yaml.safe_load(handle) or {}
-            except yaml.YAMLError as error:
-                raise ValueError(f"{config_file} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ValueError(f"{config_file} must hold a mapping of {cls.__name__} fields.")
+    data = read_config_file(config_file, cls.__name__) if config_file else {}
     names = {f.name for f in dataclasses.fields(cls)}
     data.update({k: v for k, v in vars(args).items() if k in names})
     return cls.from_dict(data, source=config_file or "command line")

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import torch
 
+from .families import family_for_tokens
 from .soft_tokens import SoftTokens, SoftTokensConfig
 
 FORMATS = {
     "softrepa": ("dc_tokens.pth", "dc_t_tokens.pth"),
     "agsm": ("soft_tokens.pth", "soft_t_tokens.pth"),
 }
-_UNET_FAMILY_BY_DIM = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
-_UNET_DIM_BY_FAMILY = {family: dim for dim, family in _UNET_FAMILY_BY_DIM.items()}
 
 
 def load_foreign_tensor(path: str | os.PathLike) -> torch.Tensor:
@@ -61,31 +60,6 @@ def load_foreign_tensor(path: str | os.PathLike) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{path} holds a {type(obj).__name__}; expected a tensor or an nn.Embedding.")
     return obj.detach().to(torch.float32).clone()
-
-
-def _infer_family(tokens: torch.Tensor, mmdit: bool, family: str | None, source: Path) -> str:
-    dim = tokens.shape[-1]
-    if mmdit:
-        if family not in (None, "sd3"):
-            raise ValueError(f"{source}: tokens of shape {tuple(tokens.shape)} are per-layer (SD3), not {family!r}.")
-        return "sd3"
-    if family is None:
-        if dim not in _UNET_FAMILY_BY_DIM:
-            raise ValueError(
-                f"{source}: cannot infer the model family from width {dim} (known: {_UNET_FAMILY_BY_DIM}); "
-                "pass family= (--family)."
-            )
-        return _UNET_FAMILY_BY_DIM[dim]
-    if family == "sd3":
-        raise ValueError(f"{source}: tokens of shape {tuple(tokens.shape)} are for a UNet, not SD3.")
-    if family not in _UNET_DIM_BY_FAMILY:
-        raise ValueError(f"family must be one of sd15, sd2, sdxl, sd3, got {family!r}.")
-    if _UNET_DIM_BY_FAMILY[family] != dim:
-        raise ValueError(
-            f"{source}: tokens of shape {tuple(tokens.shape)} have width {dim}, but {family} has context width "
-            f"{_UNET_DIM_BY_FAMILY[family]}."
-        )
-    return family
 
 
 def convert_official_tokens(
@@ -122,7 +96,7 @@ def convert_official_tokens(
             f"{token_file}: AGSM tokens need a leading bank axis of 2 (psi+, psi-), got {tuple(tokens.shape)}."
         )
     mmdit = tokens.dim() == 4
-    family = _infer_family(tokens, mmdit, family, token_file)
+    family = family_for_tokens(tokens.shape, family, source=str(token_file))
     timestep_file = token_file.with_name(timestep_name)
     timestep_weight = load_foreign_tensor(timestep_file) if timestep_file.is_file() else None
 
@@ -132,8 +106,6 @@ def convert_official_tokens(
         settings["n_layers"] = tokens.shape[1]
     elif unet_blocks is not None:
         settings["unet_blocks"] = list(unet_blocks)
-    if format == "softrepa" and family == "sdxl" and unet_blocks is None:
-        settings["unet_blocks"] = ["down", "mid"]  # run_train.sh trains SDXL with --apply_dc True True False
     config = SoftTokensConfig.for_family(family, objective=format, **settings)
     soft_tokens = SoftTokens(config)
     expected = config.parameter_shapes()

@@ -33,6 +33,7 @@ class Example:
 
 
 def check_caption(caption, source: str) -> str:
+    """`caption` if it is a non-empty string of at most `MAX_CAPTION_CHARS` characters, else a `ValueError` naming `source`."""
     if not isinstance(caption, str):
         raise ValueError(f"{source}: the caption must be a string, got {type(caption).__name__}.")
     if not caption.strip():
@@ -201,3 +202,65 @@ def preprocess(image: Image.Image, resolution: int, center_crop: bool, source: s
         image = image.resize((resolution, resolution), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# -- groups of candidates ---------------------------------------------------------------------------------------------
+def shared_caption_warning(caption_rows: list[int], group: int, keep_groups: bool) -> str | None:
+    """What to tell a user whose examples share captions (`None` when every caption is distinct).
+
+    A negative with the image's own caption cannot be told apart from the positive, so such a pair is never won
+    (win rate 0 for it). The official codes draw each image's negatives from its batch as it comes, with that flaw.
+
+    Args:
+        caption_rows (`list[int]`): the caption id of each example.
+        group (`int`): `negatives_per_positive + 1`.
+        keep_groups (`bool`): whether the dataset's consecutive groups are kept as given.
+    """
+    distinct = len(set(caption_rows))
+    if distinct == len(caption_rows):
+        return None
+    if keep_groups:
+        groups = [caption_rows[i : i + group] for i in range(0, len(caption_rows) - group + 1, group)]
+        bad = sum(len(set(g)) < len(g) for g in groups)
+        remedy = f"keep_groups is on, so the dataset's groups are used as given: {bad} of {len(groups)} hold a repeated caption"
+    elif distinct < group:
+        remedy = (
+            f"only {distinct} distinct captions for groups of {group} (negatives_per_positive + 1), so some negatives "
+            "must repeat their image's caption; add captions or lower negatives_per_positive"
+        )
+    else:
+        remedy = "negatives are drawn from captions that differ from the image's own where possible"
+    return (
+        f"{len(caption_rows) - distinct} of {len(caption_rows)} examples repeat another example's caption ({distinct} "
+        f"distinct captions); a negative with the image's own caption cannot be told apart from the positive (win "
+        f"rate 0 for it); {remedy}."
+    )
+
+
+def distinct_caption_order(order: torch.Tensor, caption_rows: torch.Tensor, group: int) -> torch.Tensor:
+    """`order` (a permutation of the examples) rearranged so that each consecutive group of `group` examples has
+    distinct captions wherever the remaining examples allow it; unchanged when every caption is distinct.
+
+    Greedy and stable: each group takes the next examples in `order` whose captions it does not hold yet; the examples
+    it skips keep their order for the next groups; a group that cannot be completed with distinct captions is filled
+    with the next examples as they come.
+    """
+    caption_of = caption_rows.tolist()
+    if len(set(caption_of)) == len(caption_of):
+        return order
+    pending, arranged = order.tolist(), []
+    while pending:
+        chosen, used, skipped, position = [], set(), [], 0
+        while len(chosen) < group and position < len(pending):
+            index = pending[position]
+            position += 1
+            if caption_of[index] in used:
+                skipped.append(index)
+            else:
+                chosen.append(index)
+                used.add(caption_of[index])
+        rest = skipped + pending[position:]
+        filler = group - len(chosen)
+        arranged += chosen + rest[:filler]
+        pending = rest[filler:]
+    return torch.tensor(arranged, dtype=order.dtype)

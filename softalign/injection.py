@@ -20,10 +20,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .backbones import architecture_of, context_dim_of, denoiser_of
+from .families import INJECTION_ATTRIBUTE, architecture_of, context_dim_of, denoiser_of
 from .soft_tokens import SoftTokens
 
-_ATTRIBUTE = "_softalign_injection"
+_ATTRIBUTE = INJECTION_ATTRIBUTE
 
 
 def _argument_index(module: nn.Module, name: str) -> int | None:
@@ -76,9 +76,11 @@ class SoftTokenInjection:
     # -- attach / detach ----------------------------------------------------------------------------------------
     @property
     def attached(self) -> bool:
+        """Whether the hooks are in place."""
         return bool(self._handles)
 
     def attach(self) -> SoftTokenInjection:
+        """Register the hooks on the denoiser (idempotent); refuses a denoiser that carries other soft tokens."""
         if self.attached:
             return self
         existing = getattr(self.denoiser, _ATTRIBUTE, None)
@@ -102,6 +104,7 @@ class SoftTokenInjection:
         return self
 
     def detach(self) -> None:
+        """Remove every hook: the denoiser is then bit-identical to the untouched model."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

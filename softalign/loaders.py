@@ -9,85 +9,39 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
-import torch
-
-from .atomic import atomic_directory
+from .families import base_model_record, denoiser_of
 from .injection import SoftTokenInjection, attach_soft_tokens, check_compatible, injection_of
-from .soft_tokens import SoftTokens, SoftTokensConfig
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT = "softalign.soft_tokens"
+from .soft_tokens import CONFIG_NAME, FORMAT, WEIGHTS_NAME, SoftTokens  # noqa: F401 (the format, re-exported)
 
 
-def save_soft_tokens(soft_tokens, path: str | os.PathLike) -> Path:
+def save_soft_tokens(soft_tokens, path: str | os.PathLike, base_model: dict | None = None) -> Path:
     """Write soft tokens to the directory `path` atomically (a failed write leaves any previous adapter intact).
 
     Args:
         soft_tokens ([`SoftTokens`], [`SoftTokenInjection`] or a pipeline carrying soft tokens): what to save.
         path (`str` or `os.PathLike`): the adapter directory to create or replace.
+        base_model (`dict`, *optional*): the model they were trained on (`softalign.families.base_model_record`);
+            recorded from the pipeline when a pipeline is given.
 
     Returns:
         `Path`: the directory written.
     """
-    from safetensors.torch import save_file
-
-    soft_tokens = _soft_tokens_from(soft_tokens)
-    config = {"format": FORMAT, **soft_tokens.config.to_dict()}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in soft_tokens.state_dict().items()}
-    path = Path(path)
-    with atomic_directory(path) as staging:
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "adapter_config": json.dumps(config)})
-    return path
+    if base_model is None and not isinstance(soft_tokens, (SoftTokens, SoftTokenInjection)):
+        base_model = base_model_record(soft_tokens)
+    elif base_model is None and isinstance(soft_tokens, SoftTokenInjection):
+        base_model = base_model_record(soft_tokens.denoiser)
+    return _soft_tokens_from(soft_tokens).save_pretrained(path, base_model=base_model)
 
 
 def read_soft_tokens(path: str | os.PathLike) -> SoftTokens:
-    """Read a soft-token adapter directory into a new [`SoftTokens`] module (on the CPU), validating every tensor."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"Soft-token adapter directory not found: {path}")
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    for required in (config_file, weights_file):
-        if not required.is_file():
-            raise FileNotFoundError(
-                f"Soft-token adapter {path} is missing {required.name} (expected {CONFIG_NAME} and {WEIGHTS_NAME})."
-            )
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise ValueError(f"{config_file} is not valid JSON: {error}") from error
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{config_file} is not a softalign soft-token config (format {found!r}, expected {FORMAT!r}).")
-    config = SoftTokensConfig.from_dict(data, source=str(config_file))
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from error
-    expected = config.parameter_shapes()
-    if set(tensors) != set(expected):
-        raise ValueError(f"{weights_file} holds tensors {sorted(tensors)}, but its config expects {sorted(expected)}.")
-    for name, shape in expected.items():
-        if tensors[name].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise ValueError(
-                f"{weights_file}: tensor {name!r} is {tensors[name].dtype}; expected a float16/bfloat16/float32/"
-                "float64 tensor."
-            )
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, its config expects {shape}."
-            )
-        if not torch.isfinite(tensors[name]).all():
-            raise ValueError(f"{weights_file}: tensor {name!r} contains NaN or Inf values.")
-    soft_tokens = SoftTokens(config)
-    soft_tokens.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
-    return soft_tokens
+    """Deprecated alias of [`SoftTokens.from_pretrained`] (removed in the next release)."""
+    warnings.warn(
+        "read_soft_tokens is deprecated; use SoftTokens.from_pretrained(path).", DeprecationWarning, stacklevel=2
+    )
+    return SoftTokens.from_pretrained(path)
 
 
 def load_soft_tokens(pipe, path: str | os.PathLike, default_bank: int = 0) -> SoftTokenInjection:
@@ -112,8 +66,9 @@ def load_soft_tokens(pipe, path: str | os.PathLike, default_bank: int = 0) -> So
     """
     if injection_of(pipe) is not None:
         raise ValueError("This pipeline already carries soft tokens; call `unload_soft_tokens(pipe)` first.")
-    soft_tokens = read_soft_tokens(path)
+    soft_tokens = SoftTokens.from_pretrained(path)
     check_compatible(soft_tokens.config, pipe)
+    _warn_on_other_base(soft_tokens, pipe, path)
     return attach_soft_tokens(pipe, soft_tokens, default_bank=default_bank)
 
 
@@ -124,6 +79,24 @@ def unload_soft_tokens(pipe) -> SoftTokens | None:
         return None
     injection.detach()
     return injection.soft_tokens
+
+
+def _warn_on_other_base(soft_tokens: SoftTokens, pipe, path) -> None:
+    """Warn when the adapter records a base model other than `pipe`'s (PEFT warns the same way)."""
+    trained_on = soft_tokens.base_model
+    if not trained_on:
+        return
+    here = base_model_record(pipe)
+    names = trained_on.get("base_model_name_or_path"), here["base_model_name_or_path"]
+    other_name = all(names) and Path(names[0]).name != Path(names[1]).name
+    other_config = trained_on.get("base_model_config_hash") not in (None, here["base_model_config_hash"])
+    if other_name or other_config:
+        warnings.warn(
+            f"The soft tokens in {path} were trained on {names[0] or trained_on.get('base_model_class')} (denoiser "
+            f"config {trained_on.get('base_model_config_hash')}), but are loaded into {names[1] or here['base_model_class']} "
+            f"(denoiser config {here['base_model_config_hash']}); they may not fit this model.",
+            stacklevel=3,
+        )
 
 
 def _soft_tokens_from(obj) -> SoftTokens:
@@ -137,14 +110,32 @@ def _soft_tokens_from(obj) -> SoftTokens:
     return injection.soft_tokens
 
 
+ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections of UNet and MMDiT blocks
+
+
+def lora_config(rank: int = 4, target_modules=ATTENTION_MODULES, **kwargs):
+    """The `peft.LoraConfig` softalign's recipes and CLI train: rank `rank`, `lora_alpha = rank`, on the attention
+    projections (`kwargs` go to `LoraConfig`, e.g. `init_lora_weights="gaussian"`).
+
+    Example:
+        ```py
+        >>> from softalign import lora_config
+        >>> trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipe, soft_tokens=tokens, peft_config=lora_config(4))
+        ```
+    """
+    from peft import LoraConfig
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"The LoRA rank must be a positive integer, got {rank!r}.")
+    return LoraConfig(r=rank, lora_alpha=kwargs.pop("lora_alpha", rank), target_modules=list(target_modules), **kwargs)
+
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file diffusers' `save_lora_adapter` writes
 
 
 def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "softalign") -> str:
     """Load a LoRA written by a softalign trainer (`<run>/lora/<name>/`) into the pipeline's denoiser and make it the
     active adapter; returns its name. Fails with the path when the directory holds no adapter weights."""
-    from .backbones import denoiser_of
-
     path = Path(path)
     if not (path / LORA_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} holds no LoRA adapter: expected {LORA_WEIGHTS} (from save_lora_adapter).")
@@ -154,3 +145,25 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "softalign") ->
     )
     denoiser.set_adapter(adapter_name)
     return adapter_name
+
+
+def load_pipeline(path: str | os.PathLike):
+    """A diffusers pipeline from a local directory, never downloading (components saved as null, e.g. an SD3
+    pipeline without T5, are passed as `None` as diffusers wants), with its progress bar off.
+
+    Example:
+        ```py
+        >>> from softalign import load_pipeline, load_soft_tokens
+        >>> pipe = load_pipeline("models/shapes-sd15")
+        >>> load_soft_tokens(pipe, "runs/agsm/adapter")
+        ```
+    """
+    from diffusers import DiffusionPipeline
+
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} is not a diffusers pipeline directory (no model_index.json).")
+    absent = {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and v[:1] == [None]}
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -20,37 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .families import add_noise, training_target  # noqa: F401
+
 SOFTREPA_TAU = 0.07
 SOFTREPA_SCALE = 4.0
 AGSM_TEMPERATURE = 0.1
 
 
-# -- noising and targets ----------------------------------------------------------------------------------------------
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str, alphas_cumprod=None):
-    """`x_t` for a diffusion (`epsilon` / `v_prediction`, DDPM `alphas_cumprod`) or a flow model (`flow`, s = t/1000).
-
-    Args:
-        t (`torch.Tensor`): integer timesteps in [0, 1000) broadcastable to the batch.
-    """
-    if prediction_type == "flow":
-        s = _per_row(t.to(x0.dtype) / 1000.0, x0)
-        return (1 - s) * x0 + s * noise
-    a = _per_row(alphas_cumprod.to(x0.device)[t.long()].to(x0.dtype), x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def training_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction_type: str, alphas_cumprod=None):
-    """What the denoiser regresses: the noise (epsilon), `sqrt(a) noise - sqrt(1-a) x0` (v), or `noise - x0` (flow)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "flow":
-        return noise - x0
-    if prediction_type == "v_prediction":
-        a = _per_row(alphas_cumprod.to(x0.device)[t.long()].to(x0.dtype), x0)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'flow', got {prediction_type!r}.")
-
-
+# noising and targets are the family's (re-exported for the old import path)
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Losses run in float32 even under fp16 autocast; float64 inputs (tests) keep their precision."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -215,6 +192,8 @@ def agsm_loss(
 
 @dataclass
 class Diagnostics:
+    """Per-batch diagnostics of a preference over candidates: win rate and margins."""
+
     win_rate: torch.Tensor  # share of images whose positive outweighs every negative
     weight_margin: torch.Tensor  # mean of w_+ - max_j w_j (the official `score_margin`)
     reward_margin: torch.Tensor  # mean of r_+ - max_j r_j
@@ -237,6 +216,8 @@ def preference_diagnostics(weights: torch.Tensor, rewards: torch.Tensor, labels:
 # -- Diffusion-DPO ---------------------------------------------------------------------------------------------------
 @dataclass
 class DPOTerms:
+    """The Diffusion-DPO loss with its implicit accuracy (the share of pairs whose preferred image wins)."""
+
     loss: torch.Tensor  # scalar
     implicit_accuracy: torch.Tensor  # share of pairs where the model prefers the winner more than the reference
     inside: torch.Tensor  # (B,) -beta/2 * (model_diff - ref_diff)

@@ -56,6 +56,7 @@ class CollapsedPaddingAttnProcessor:
     def __call__(
         self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, collapsed_padding=None, **kwargs
     ):
+        """The joint attention with the collapsed zero row standing for `rows` rows."""
         if encoder_hidden_states is None:
             raise ValueError("CollapsedPaddingAttnProcessor is for joint attention; it got no context tokens")
         padding = collapsed_padding or self.default

@@ -10,31 +10,46 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import __version__
+from .families import FAMILIES, backbone_for, context_dim_of, family_of, soft_token_preset
+from .version import __version__
 
+# The adapter format (PEFT-like): a directory with `adapter_config.json` (the config) and `adapter_model.safetensors`
+# (float32 tensors keyed like `SoftTokens.state_dict()`; the config repeated in its header). Nothing here unpickles.
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "softalign.soft_tokens"
+BASE_MODEL_KEYS = ("base_model_name_or_path", "base_model_class", "base_model_config_hash")
 NUM_TIMESTEP_BUCKETS = 100
 NUM_TRAIN_TIMESTEPS = 1000
 
 
 class Architecture(str, Enum):
+    """The injection layout of a denoiser family."""
+
     UNET = "unet"  # SD1.x / SD2.x / SDXL: one token set shared by the hooked UNet blocks
     MMDIT = "mmdit"  # SD3 / SD3.5: one token set per transformer block
 
 
 class Position(str, Enum):
+    """Where the tokens sit in the text context."""
+
     AFTER_BOS = "after_bos"  # UNet: [h_0 (BOS), s_1..s_n, h_1..h_L]
     APPEND = "append"  # MMDiT, AGSM: [h_1..h_L, s_1..s_n]
     PREPEND = "prepend"  # MMDiT, SoftREPA: [s_1..s_n, h_1..h_L]
 
 
 class Init(str, Enum):
+    """How new tokens are initialised."""
+
     NORMAL = "normal"  # normal(0, init_std), as both official codes
     NULL_PROMPT = "null_prompt"  # every token starts at the BOS state of the empty prompt (official SD1.5 code)
 
@@ -74,7 +89,7 @@ class SoftTokensConfig:
     timestep_embedding: bool = field(default=True, metadata={"help": "Add the 100-bucket timestep embedding."})
     init: str = field(default="normal", metadata={"help": "normal or null_prompt."})
     init_std: float = field(default=0.02, metadata={"help": "Std of the normal initialisation."})
-    family: str | None = field(default=None, metadata={"help": "sd15, sd2, sdxl or sd3 (informational)."})
+    family: str | None = field(default=None, metadata={"help": "The model family (informational)."})
     softalign_version: str = field(default=__version__, metadata={"help": "Version that wrote this config."})
 
     def __post_init__(self):
@@ -140,26 +155,20 @@ class SoftTokensConfig:
         SD1.5 starts from the null-prompt BOS state. SoftREPA (`run_train.sh`): one bank, SD1.5 down only, SDXL
         down + mid, SD3 5 layers prepended; SD1.5 starts from the null-prompt BOS state.
         """
-        family = _choice("family", family, _FAMILIES)
-        if objective not in ("agsm", "softrepa"):
-            raise ValueError(f"objective must be 'agsm' or 'softrepa', got {objective!r}.")
-        dim = dim if dim is not None else _FAMILY_DIMS[family]
-        settings: dict = {"architecture": "mmdit" if family == "sd3" else "unet", "dim": dim, "family": family}
-        settings["n_banks"] = 2 if objective == "agsm" else 1
-        if family == "sd3":
-            settings.update(n_layers=5, position="append" if objective == "agsm" else "prepend")
-        else:
-            down_only = objective == "softrepa" and family in ("sd15", "sd2")
-            settings["unet_blocks"] = ["down"] if down_only else ["down", "mid"]
-            settings["init"] = "null_prompt" if family in ("sd15", "sd2") else "normal"
+        family = _choice("family", family, FAMILIES)
+        settings = soft_token_preset(family, objective)  # the family's entry in softalign.families
+        if dim is not None:
+            settings["dim"] = dim
         settings.update(overrides)
         return cls(**settings)
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-ready)."""
         return dataclasses.asdict(self)
 
     def to_json_string(self) -> str:
+        """The config as sorted, indented JSON."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
@@ -194,10 +203,6 @@ class SoftTokensConfig:
         if self.timestep_embedding:
             shapes["timestep_embedding.weight"] = (NUM_TIMESTEP_BUCKETS, embedding_width)
         return shapes
-
-
-_FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
-_FAMILY_DIMS = {"sd15": 768, "sd2": 1024, "sdxl": 2048, "sd3": 1536}
 
 
 def _choice(name: str, value, allowed) -> str:
@@ -240,14 +245,114 @@ class SoftTokens(nn.Module):
         shapes = config.parameter_shapes()
         self.tokens = nn.Parameter(torch.empty(shapes["tokens"]))
         nn.init.normal_(self.tokens, mean=0.0, std=config.init_std)
+        self.base_model: dict | None = None  # what the tokens were trained on, when read from an adapter
         self.timestep_embedding = None
         if config.timestep_embedding:
             self.timestep_embedding = nn.Embedding(*shapes["timestep_embedding.weight"])
             nn.init.normal_(self.timestep_embedding.weight, mean=0.0, std=config.init_std)
 
+    @classmethod
+    def for_pipeline(cls, pipe, objective: str = "agsm", **overrides) -> SoftTokens:
+        """New tokens with the official configuration of `objective` for the pipeline's family, initialised as that
+        configuration says: from the pipeline's empty-prompt BOS state when `init="null_prompt"` (the official SD1.x
+        codes), else from a normal distribution (seed it with `torch.manual_seed` for reproducible tokens).
+
+        Example:
+            ```py
+            >>> from softalign import SoftTokens
+            >>> tokens = SoftTokens.for_pipeline(pipe, objective="agsm")  # psi+ and psi-
+            ```
+        """
+        config = SoftTokensConfig.for_family(
+            family_of(pipe), dim=context_dim_of(pipe), objective=objective, **overrides
+        )
+        tokens = cls(config)
+        if config.init == Init.NULL_PROMPT.value:
+            tokens.init_from_null_prompt(backbone_for(pipe).encode_prompts([""])["prompt_embeds"][:1].cpu())
+        return tokens
+
     @property
     def n_banks(self) -> int:
+        """Number of banks (2 for AGSM: psi+, psi-; 1 for SoftREPA)."""
         return self.config.n_banks
+
+    def save_pretrained(self, path: str | os.PathLike, base_model: dict | None = None) -> Path:
+        """Write the tokens to the adapter directory `path` atomically: `adapter_config.json` (the config, plus the
+        base model they were trained on) and `adapter_model.safetensors` (float32, the config in its header).
+
+        Args:
+            path (`str` or `os.PathLike`): the adapter directory to create or replace.
+            base_model (`dict`, *optional*): `base_model_name_or_path`, `base_model_class` and
+                `base_model_config_hash` (`softalign.families.base_model_record(pipe)`); defaults to `self.base_model`.
+        """
+        from safetensors.torch import save_file
+
+        from .atomic import atomic_directory
+
+        base_model = base_model if base_model is not None else self.base_model
+        config = {"format": FORMAT, **self.config.to_dict(), **(base_model or {})}
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        path = Path(path)
+        with atomic_directory(path) as staging:
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            save_file(
+                tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt", "adapter_config": json.dumps(config)}
+            )
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> SoftTokens:
+        """Read a soft-token adapter directory (written by [`save_pretrained`], `save_soft_tokens` or `softalign
+        convert`) into a new module on the CPU, validating every tensor; `.base_model` holds what it was trained on.
+        Attach it with `attach_soft_tokens`, or load it into a pipeline in one call with `load_soft_tokens(pipe, path)`."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Soft-token adapter directory not found: {path}")
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        for required in (config_file, weights_file):
+            if not required.is_file():
+                raise FileNotFoundError(
+                    f"Soft-token adapter {path} is missing {required.name} (expected {CONFIG_NAME} and {WEIGHTS_NAME})."
+                )
+        try:
+            data = json.loads(config_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from error
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(
+                f"{config_file} is not a softalign soft-token config (format {found!r}, expected {FORMAT!r})."
+            )
+        base_model = {k: data.pop(k) for k in BASE_MODEL_KEYS if k in data}
+        config = SoftTokensConfig.from_dict(data, source=str(config_file))
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from error
+        expected = config.parameter_shapes()
+        if set(tensors) != set(expected):
+            raise ValueError(
+                f"{weights_file} holds tensors {sorted(tensors)}, but its config expects {sorted(expected)}."
+            )
+        for name, shape in expected.items():
+            if tensors[name].dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise ValueError(
+                    f"{weights_file}: tensor {name!r} is {tensors[name].dtype}; expected a float16/bfloat16/float32/"
+                    "float64 tensor."
+                )
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(
+                    f"{weights_file}: tensor {name!r} has shape {tuple(tensors[name].shape)}, its config expects {shape}."
+                )
+            if not torch.isfinite(tensors[name]).all():
+                raise ValueError(f"{weights_file}: tensor {name!r} contains NaN or Inf values.")
+        soft_tokens = cls(config)
+        soft_tokens.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
+        soft_tokens.base_model = base_model or None
+        return soft_tokens
 
     @torch.no_grad()
     def init_from_null_prompt(self, null_prompt_embeds: torch.Tensor) -> None:
@@ -291,5 +396,6 @@ class SoftTokens(nn.Module):
         return tokens + per_layer[:, :, None, :]
 
     def extra_repr(self) -> str:
+        """The banks, tokens and width, for `repr`."""
         c = self.config
         return f"architecture={c.architecture}, banks={c.n_banks}, tokens={c.n_tokens}, dim={c.dim}"

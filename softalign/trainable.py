@@ -11,13 +11,14 @@ and a copy of the tokens) are used for AGSM's rewards and never trained.
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_directory
-from .backbones import denoiser_of
+from .families import base_model_record, denoiser_of
 from .injection import SoftTokenInjection, attach_soft_tokens, injection_of
 from .loaders import save_soft_tokens
 from .soft_tokens import SoftTokens
@@ -26,13 +27,18 @@ POS, NEG = "softalign_pos", "softalign_neg"
 SINGLE = "softalign"
 
 
-class TrainableState:
-    """Soft tokens (attached to the denoiser) and/or LoRA adapters, plus EMA copies when `ema=True`."""
+class TrainedParameters:
+    """Soft tokens (attached to the denoiser) and/or LoRA adapters, plus EMA copies when `ema=True`.
+
+    [`route`] runs a pair grid with each row through its bank's parameters; [`reference`] gives the reference model of
+    preference losses; `state_dict()` holds every trained and EMA tensor for checkpoints.
+    """
 
     def __init__(
         self, pipe, soft_tokens: SoftTokens | None, peft_config=None, two_banks: bool = True, ema: bool = True
     ):
         self.denoiser = denoiser_of(pipe)
+        self.base_model = base_model_record(pipe)
         self.soft_tokens = soft_tokens
         self.injection: SoftTokenInjection | None = None
         if soft_tokens is not None:
@@ -65,10 +71,12 @@ class TrainableState:
 
     # -- parameters ---------------------------------------------------------------------------------------------
     def lora_parameters(self, adapter: str) -> list[torch.nn.Parameter]:
+        """The LoRA parameters of the PEFT adapter `adapter` on the denoiser."""
         marker = f".{adapter}."
         return [p for n, p in self.denoiser.named_parameters() if marker in n and "lora_" in n]
 
     def parameters(self) -> list[torch.nn.Parameter]:
+        """Every trained parameter (soft tokens, then each trained LoRA adapter); never the EMA copies."""
         params = list(self.soft_tokens.parameters()) if self.soft_tokens is not None else []
         for name in self.adapters:
             params += self.lora_parameters(name)
@@ -85,11 +93,12 @@ class TrainableState:
                 p.requires_grad_(False)
 
     def save(self, target) -> Path:
-        """Write the trained parameters: the soft tokens to `target` (the adapter format) and each LoRA adapter to
-        `<target's parent>/lora/<name>/` (diffusers' `save_lora_adapter` layout, loaded back by [`load_lora`])."""
+        """Write the trained parameters: the soft tokens to `target` (the adapter format, with the base model they
+        were trained on) and each LoRA adapter to `<target's parent>/lora/<name>/` (diffusers' `save_lora_adapter`
+        layout, loaded back by [`load_lora`])."""
         target = Path(target)
         if self.soft_tokens is not None:
-            save_soft_tokens(self.soft_tokens, target)
+            save_soft_tokens(self.soft_tokens, target, base_model=self.base_model)
         for name in self.adapters:
             with atomic_directory(target.parent / "lora" / name) as staging:
                 self.denoiser.save_lora_adapter(str(staging), adapter_name=name)
@@ -97,6 +106,11 @@ class TrainableState:
 
     # -- forward over a pair grid -------------------------------------------------------------------------------
     def forward(self, predict, banks: torch.Tensor, ema: bool = False):
+        """Deprecated alias of [`route`] (removed in the next release)."""
+        warnings.warn("TrainedParameters.forward is deprecated; use route().", DeprecationWarning, stacklevel=2)
+        return self.route(predict, banks, ema=ema)
+
+    def route(self, predict, banks: torch.Tensor, ema: bool = False):
         """`predict(rows)` for every row, each row through its bank (0: psi+, 1: psi-), online or EMA parameters.
 
         Args:
@@ -158,6 +172,7 @@ class TrainableState:
     # -- EMA ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
+        """Move every EMA copy towards its trained parameters: `ema = decay * ema + (1 - decay) * param`."""
         pairs = []
         if self.ema_tokens is not None:
             pairs += list(zip(self.ema_tokens.parameters(), self.soft_tokens.parameters(), strict=True))
@@ -183,6 +198,7 @@ class TrainableState:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what [`state_dict`] returned; the tensor names must match this run's exactly."""
         expected = self.state_dict()
         if set(state) != set(expected):
             missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -198,3 +214,11 @@ class TrainableState:
             params = dict(self.denoiser.named_parameters())
             for key, value in lora.items():
                 params[key].copy_(value.to(params[key].dtype))
+
+
+class TrainableState(TrainedParameters):
+    """Deprecated name of [`TrainedParameters`] (removed in the next release)."""
+
+    def __init__(self, *args, **kwargs):
+        warnings.warn("TrainableState is deprecated; use TrainedParameters.", DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)

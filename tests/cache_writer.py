@@ -67,6 +67,7 @@ def main():
             os.kill(os.getpid(), signal.SIGKILL)
 
         softalign.cache._atomic_write_text = die
+
     def barrier():
         args.barrier.mkdir(parents=True, exist_ok=True)
         (args.barrier / f"ready-{args.seed}").touch()

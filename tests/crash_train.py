@@ -10,7 +10,7 @@ A life is a tiny sd15 run that always starts with `resume_from_checkpoint="lates
 - `step N` when step N (SoftAlign: optimiser steps, 1-based) or epoch N (DDPO: after its sampling, 0-based) is reached,
 - `saved checkpoint-N` once checkpoint N is published (renamed into place),
 - `done` after the final trainable state is written to RESULT_FILE (safetensors, every tensor of
-  `trainer.trainable.state_dict()`).
+  `trainer.trained.state_dict()`).
 
 With `kill_in_save=N` (`CRASH_KILL_IN_SAVE=N` in the environment for a single run), the life SIGKILLs itself while
 checkpoint N is being written (its files are in the staging directory; the integrity record and the rename are still
@@ -43,9 +43,9 @@ def say(message: str) -> None:
 def softalign_trainer(output_dir: str, steps: int):
     from shapes_data import shapes_pairs
 
-    from softalign.config import SoftAlignConfig
+    from softalign.softalign_config import SoftAlignConfig
+    from softalign.softalign_trainer import SoftAlignTrainer
     from softalign.testing import tiny_pipeline
-    from softalign.trainer import SoftAlignTrainer
 
     class Report:
         def on_step_end(self, trainer, logs):
@@ -105,7 +105,7 @@ def ddpo_trainer(output_dir: str, epochs: int):
 
 
 def kill_while_saving(step: int) -> None:
-    import softalign.checkpoints as checkpoints
+    import softalign.training as checkpoints
 
     write_integrity = checkpoints.write_integrity
 
@@ -131,7 +131,7 @@ def life(kind: str, output_dir: str, result: str, steps: int, kill_in_save: int 
 
     trainer._load_checkpoint = load_and_report
     trainer.train()
-    state = {k: v.detach().cpu().contiguous() for k, v in trainer.trainable.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in trainer.trained.state_dict().items()}
     save_file(state, result + ".tmp")
     os.replace(result + ".tmp", result)
     say("done")
@@ -150,7 +150,7 @@ def serve() -> None:
     import tqdm.auto  # noqa: F401
 
     import softalign.rl.ddpo_trainer  # noqa: F401
-    import softalign.trainer  # noqa: F401
+    import softalign.softalign_trainer  # noqa: F401
     from softalign.testing import tiny_pipeline
 
     tiny_pipeline("sd15")  # builds and caches the tokenizer; every life still builds its own pipeline

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from softalign.backbones import denoiser_of
+from softalign.families import denoiser_of
 
 
 def denoiser_inputs(pipe, batch: int = 2, text_len: int = 6, timestep=537, seed: int = 0) -> dict:

@@ -6,7 +6,7 @@ from PIL import Image
 from shapes_data import shapes_pairs
 
 from softalign import SoftTokens, SoftTokensConfig
-from softalign.backbones import context_dim_of
+from softalign.families import context_dim_of
 from softalign.rl.ddpo_config import DDPOConfig
 
 

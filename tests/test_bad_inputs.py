@@ -24,13 +24,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from shapes_data import shapes_pairs
 
-from softalign import SoftTokens, SoftTokensConfig, load_soft_tokens, read_soft_tokens, save_soft_tokens
-from softalign.config import SoftAlignConfig
+from softalign import SoftTokens, SoftTokensConfig, load_soft_tokens, save_soft_tokens
 from softalign.convert import load_foreign_tensor
 from softalign.eval import parse_metadata_line
 from softalign.loaders import unload_soft_tokens
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 NOT_FINITE = (FloatingPointError, ValueError, RuntimeError)  # what "stop" may raise for a NaN / Inf loss
 
@@ -205,7 +205,7 @@ def _adapter_with(change: Callable[[Path], None], load_into: str | None = None, 
         path = _adapter(root, **adapter)
         change(path)
         if load_into is None:
-            tokens = read_soft_tokens(path)
+            tokens = SoftTokens.from_pretrained(path)
             return f"read tokens {tuple(tokens.tokens.shape)}"
         injection = load_soft_tokens(tiny_pipeline(load_into), path)
         return f"loaded tokens {tuple(injection.soft_tokens.tokens.shape)}"
@@ -285,9 +285,9 @@ def _nonfinite_loss(value: float, mode: str = "stop"):
             return loss + value, diagnostics
 
         trainer._chunk_loss = broken
-        before = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
+        before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
         state = trainer.train()
-        unchanged = all(torch.equal(v, trainer.trainable.state_dict()[k]) for k, v in before.items())
+        unchanged = all(torch.equal(v, trainer.trained.state_dict()[k]) for k, v in before.items())
         if not unchanged:
             raise AssertionError("a skipped non-finite step changed the parameters")
         return f"{state.skipped_steps} of {trainer.args.max_steps} steps skipped, parameters unchanged"
@@ -297,7 +297,7 @@ def _nonfinite_loss(value: float, mode: str = "stop"):
 
 def _ddpo(reward=None, loss_factor: float | None = None):
     def run(root: Path):
-        from softalign.backbones import context_dim_of
+        from softalign.families import context_dim_of
         from softalign.rl.ddpo_config import DDPOConfig
         from softalign.rl.ddpo_trainer import DDPOTrainer
 
@@ -419,7 +419,7 @@ CASES = [
     Case("geneval-broken-json", _geneval_text('{"tag": "counting", '), ValueError,
          r"evaluation_metadata\.jsonl, line 3: broken JSON"),
     # adapters
-    Case("adapter-directory-missing", lambda r: read_soft_tokens(r / "nowhere"), FileNotFoundError,
+    Case("adapter-directory-missing", lambda r: SoftTokens.from_pretrained(r / "nowhere"), FileNotFoundError,
          r"Soft-token adapter directory not found: .*nowhere"),
     Case("adapter-missing-weights-file", _adapter_with(lambda p: (p / "adapter_model.safetensors").unlink()),
          FileNotFoundError, r"adapter is missing adapter_model\.safetensors \(expected adapter_config\.json and"),

@@ -139,3 +139,18 @@ def test_a_pickle_that_runs_code_is_refused_and_never_executed(tmp_path, monkeyp
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")  # a module other than nn.Embedding
     with pytest.raises(ValueError, match="Refused to load"):
         load_foreign_tensor(tmp_path / "module.pth")
+
+
+def test_cli_output_has_no_torchvision_notices():
+    """Defect: every `softalign` command printed transformers' two "requires torchvision" warnings."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("with torchvision installed there is no notice to silence")
+    trigger = "import transformers; transformers.CLIPImageProcessor; transformers.SiglipImageProcessor"
+    quiet = "from softalign.cli import quiet_optional_backends; quiet_optional_backends(); " + trigger
+    run = subprocess.run([sys.executable, "-c", quiet], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "requires torchvision" not in run.stderr

@@ -29,7 +29,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softalign.checkpoints import list_checkpoints, verify
+from softalign.training import list_checkpoints, verify
+
+pytestmark = pytest.mark.slow  # killed and resumed runs in subprocesses: `make test-all`
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "crash_train.py"

@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from softalign import SoftTokens, SoftTokensConfig, read_soft_tokens, save_soft_tokens
-from softalign.config import CHOICES, SoftAlignConfig
 from softalign.data import MAX_CAPTION_CHARS, image_folder
 from softalign.eval import parse_metadata_line
 from softalign.loaders import CONFIG_NAME, WEIGHTS_NAME
+from softalign.softalign_config import CHOICES, SoftAlignConfig
 
 FUZZ = settings(
     max_examples=100,

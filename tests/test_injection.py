@@ -5,7 +5,7 @@ import torch
 from helpers import ContextRecorder, denoiser_inputs, run_denoiser, unet_cross_blocks
 
 from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens, injection_of
-from softalign.backbones import context_dim_of, denoiser_of
+from softalign.families import context_dim_of, denoiser_of
 from softalign.soft_tokens import timestep_buckets
 from softalign.testing import tiny_pipeline
 

@@ -11,11 +11,10 @@ from softalign import (
     SoftTokensConfig,
     attach_soft_tokens,
     load_soft_tokens,
-    read_soft_tokens,
     save_soft_tokens,
     unload_soft_tokens,
 )
-from softalign.backbones import context_dim_of
+from softalign.families import context_dim_of
 from softalign.testing import tiny_pipeline
 
 CALL = dict(prompt="a photo of a red cat", num_inference_steps=2, height=32, width=32, output_type="np")
@@ -63,7 +62,7 @@ def test_adapter_files_hold_float32_state_dict_keys_and_the_config_in_the_header
     on_disk = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert header == on_disk and on_disk["format"] == "softalign.soft_tokens"
     assert SoftTokensConfig.from_dict(on_disk) == tokens.config
-    again = read_soft_tokens(tmp_path / "a")
+    again = SoftTokens.from_pretrained(tmp_path / "a")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in tokens.state_dict().items())
 
 
@@ -77,36 +76,36 @@ def test_loading_into_the_wrong_family_or_width_names_both_shapes(tmp_path):
 
 def test_missing_and_corrupt_adapters_get_errors_that_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="directory not found"):
-        read_soft_tokens(tmp_path / "nowhere")
+        SoftTokens.from_pretrained(tmp_path / "nowhere")
     save_soft_tokens(SoftTokens(SoftTokensConfig.for_family("sd15", dim=32)), tmp_path / "a")
     weights = tmp_path / "a" / "adapter_model.safetensors"
     good = weights.read_bytes()
 
     weights.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
 
     save_file({"tokens": torch.zeros(2, 4, 16)}, weights)  # wrong shape, missing key
     with pytest.raises(ValueError, match="holds tensors"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     tensors = {"tokens": torch.zeros(2, 4, 16), "timestep_embedding.weight": torch.zeros(100, 32)}
     save_file(tensors, weights)
     with pytest.raises(ValueError, match=r"'tokens' has shape \(2, 4, 16\), its config expects \(2, 4, 32\)"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     tensors = {"tokens": torch.full((2, 4, 32), float("nan")), "timestep_embedding.weight": torch.zeros(100, 32)}
     save_file(tensors, weights)
     with pytest.raises(ValueError, match="NaN or Inf"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
 
     (tmp_path / "a" / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
     with pytest.raises(ValueError, match="not a softalign soft-token config"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="missing adapter_config.json"):
-        read_soft_tokens(tmp_path / "a")
+        SoftTokens.from_pretrained(tmp_path / "a")
 
 
 def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, monkeypatch):
@@ -137,3 +136,36 @@ def test_loading_twice_is_refused_until_unloaded(tmp_path):
 def test_save_refuses_objects_without_tokens():
     with pytest.raises(ValueError, match="Expected SoftTokens"):
         loaders._soft_tokens_from(tiny_pipeline("sd15"))
+
+
+def test_adapters_record_their_base_model_and_warn_when_loaded_into_another(tmp_path):
+    import json
+    import warnings
+
+    pipe = tiny_pipeline("sd15")
+    tokens = SoftTokens(SoftTokensConfig.for_family("sd15", dim=context_dim_of(pipe), init="normal"))
+    attach = attach_soft_tokens(pipe, tokens)
+    save_soft_tokens(pipe, tmp_path / "a")
+    attach.detach()
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_class"] == "StableDiffusionPipeline" and config["base_model_config_hash"]
+    assert "base_model_name_or_path" in config
+    assert (
+        SoftTokens.from_pretrained(tmp_path / "a").base_model["base_model_config_hash"]
+        == config["base_model_config_hash"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same base: no warning, and the extra keys are no "unknown keys"
+        unload_soft_tokens(pipe)
+        load_soft_tokens(pipe, tmp_path / "a")
+    other = tiny_pipeline("sd15", cross_attention_dim=context_dim_of(pipe), layers_per_block=2)
+    with pytest.warns(UserWarning, match="were trained on"):
+        load_soft_tokens(other, tmp_path / "a")
+
+
+def test_read_soft_tokens_is_a_deprecated_alias(tmp_path):
+    from softalign import read_soft_tokens
+
+    save_soft_tokens(SoftTokens(SoftTokensConfig.for_family("sd15", dim=32, init="normal")), tmp_path / "a")
+    with pytest.warns(DeprecationWarning, match="SoftTokens.from_pretrained"):
+        assert isinstance(read_soft_tokens(tmp_path / "a"), SoftTokens)

@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
 
+@pytest.mark.slow  # every stage with three evaluations; the stages also run alone below
 def test_flagship_recipe_runs_all_stages_and_writes_the_report(tmp_path):
     import softalign_then_ddpo as recipe
 
@@ -50,8 +51,8 @@ def test_recipe_presets_parse_into_valid_configs():
     import softalign_then_ddpo as recipe
     import yaml
 
-    from softalign.config import SoftAlignConfig
     from softalign.rl import DDPOConfig, DiffusionDPOConfig
+    from softalign.softalign_config import SoftAlignConfig
 
     for preset in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
         args = recipe.parse_args(["--config", str(preset)])
@@ -162,13 +163,43 @@ def test_ddpo_and_dpo_recipes(tmp_path):
 
 
 def test_flagship_count_groups_keep_each_images_negatives_in_its_group():
-    import softalign_then_ddpo as recipe
 
     from softalign.shapes.prompts import split_prompts
 
     by_prompt = {line["prompt"]: line for line in split_prompts("train")}
-    pairs = recipe.shapes_pairs(16, seed=0, count_groups=1.0)
+    from softalign.shapes.pairs import shapes_pairs
+
+    pairs = shapes_pairs(16, seed=0, count_groups=1.0)
     assert len(pairs) == 16
     for start in range(0, 16, 4):
         clauses = [by_prompt[caption]["include"][0] for _, caption in pairs[start : start + 4]]
         assert len({c["class"] for c in clauses}) == 1 and len({c["count"] for c in clauses}) == 4
+
+
+def test_diffusion_dpo_recipe_keeps_the_lora_and_inits_tokens_as_their_config_says(tmp_path):
+    """Defects: recipes/diffusion_dpo.py saved only the tokens (`--train-lora` lost the LoRA), and it and
+    recipes/ddpo.py wrote `init="null_prompt"` for tokens initialised from a normal distribution."""
+    from PIL import Image
+
+    from softalign import SoftTokens
+
+    model = _tiny_model(tmp_path)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    Image.new("RGB", (32, 32), "red").save(pairs / "a.png")
+    Image.new("RGB", (32, 32), "white").save(pairs / "b.png")
+    (pairs / "pairs.jsonl").write_text('{"caption": "a red square", "chosen": "a.png", "rejected": "b.png"}\n' * 4)
+    flags = ["--model", model, "--pairs", str(pairs), "--out", str(tmp_path / "dpo"), "--max-steps", "1"]
+    assert _load("diffusion_dpo").main([*flags, "--train-lora"]) == 0
+    assert (tmp_path / "dpo" / "lora" / "softalign" / "pytorch_lora_weights.safetensors").is_file()
+    (tmp_path / "prompts.txt").write_text("a photo of a cat\n")
+    flags = ["--model", model, "--out", str(tmp_path / "ddpo"), "--reward", "jpeg", "--prompts"]
+    flags += [str(tmp_path / "prompts.txt"), "--epochs", "1", "--sample-steps", "2", "--batch-size", "2"]
+    flags += ["--learning-rate", "1e-4"]
+    assert _load("ddpo").main(flags) == 0
+    for run in ("dpo", "ddpo"):
+        tokens = SoftTokens.from_pretrained(tmp_path / run / "adapter")
+        assert tokens.config.init == "null_prompt", run  # the SD1.x preset
+        values = tokens.tokens.detach()  # one BOS state for every token of a bank, moved a little by training
+        spread = (values - values[:, :1]).abs().max().item()
+        assert spread < 5e-3, (run, spread)  # normal(0, 0.02) tokens differ by ~0.05 or more

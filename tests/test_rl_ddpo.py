@@ -5,12 +5,12 @@ import torch
 from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for
 from shapes_data import shapes_pairs
 
-from softalign.backbones import denoiser_of
-from softalign.config import SoftAlignConfig
+from softalign.families import denoiser_of
 from softalign.rl.ddpo_trainer import DDPOTrainer
 from softalign.rl.stat_tracking import PerPromptStatTracker
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 PROMPTS = ["a photo of a cat", "a photo of two dogs"]
 
@@ -51,10 +51,10 @@ def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_l
         soft_tokens=tokens,
         peft_config=gaussian_lora() if train_lora else None,
     )
-    initial = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
+    initial = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
     history = trainer.train()
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
-    final = trainer.trainable.state_dict()
+    final = trainer.trained.state_dict()
     if train_tokens:
         assert not torch.equal(final["soft_tokens.tokens"][0], initial["soft_tokens.tokens"][0])
     lora_keys = [k for k in final if k.startswith("lora.") and "lora_B" in k]
@@ -93,11 +93,11 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(kl_coef, tmp_path):
         soft_tokens=tokens_for(r, "sd15"),
         peft_config=gaussian_lora(),
     )
-    before = {k: v.clone() for k, v in resumed.trainable.state_dict().items()}
+    before = {k: v.clone() for k, v in resumed.trained.state_dict().items()}
     resumed.train()
-    after = resumed.trainable.state_dict()
+    after = resumed.trained.state_dict()
     assert resumed.epoch == 3 and any(not torch.equal(after[k], before[k]) for k in after)  # it trained again
-    for name, value in whole.trainable.state_dict().items():
+    for name, value in whole.trained.state_dict().items():
         assert torch.equal(value, after[name]), name
 
 
@@ -116,7 +116,7 @@ def test_kl_penalty_alone_pulls_the_parameters_back_to_the_reference(family, tmp
     reference = [p.clone() for p in trainer.reference]
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in trainer.trainable.parameters():
+        for p in trainer.trained.parameters():
             p.add_(0.05 * torch.randn_like(p))
     history = trainer.train(epochs=3)
     assert history[0]["kl"] > 0 and history[-1]["kl"] < 0.7 * history[0]["kl"]  # the policy returns to the reference
@@ -229,3 +229,26 @@ def test_save_model_then_load_reproduces_the_trained_pipeline(tmp_path):
     assert not torch.equal(untouched, loaded)
     with pytest.raises(FileNotFoundError, match="holds no LoRA adapter: expected pytorch_lora_weights.safetensors"):
         load_lora(fresh, tmp_path)
+
+
+def test_the_unguided_prediction_runs_under_autocast_too(tmp_path):
+    """Defect: with guidance off, DDPOTrainer's prediction skipped the accelerator's autocast (mixed precision)."""
+    import contextlib
+
+    pipe = tiny_pipeline("sd15")
+    trainer = DDPOTrainer(config(tmp_path), brightness, Prompts(), pipe, soft_tokens=tokens_for(pipe, "sd15"))
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(True)
+        yield
+
+    trainer.accelerator.autocast = autocast
+    conditioning = trainer._conditioning(["a photo of a cat"])
+    latents = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        for guidance in (True, False):
+            entered.clear()
+            output = trainer._predict(latents, torch.tensor([10]), conditioning, guidance=guidance)
+            assert entered and output.dtype == torch.float32, guidance

@@ -6,13 +6,13 @@ from PIL import Image
 from rl_fixtures import tokens_for, white_rejected_preferences
 from shapes_data import shapes_pairs
 
-from softalign.config import SoftAlignConfig
 from softalign.objectives import diffusion_dpo_loss
 from softalign.rl.ddpo_config import DDPOConfig
 from softalign.rl.ddpo_trainer import DDPOTrainer
-from softalign.rl.dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from softalign.rl.diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 
 def test_dpo_loss_formula_and_types():
@@ -108,7 +108,7 @@ def test_chaining_softalign_ddpo_and_dpo_on_one_set_of_tokens(tmp_path):
     dpo.train()
     snapshots.append(tokens.tokens.detach().clone())
     assert not torch.equal(snapshots[0], snapshots[1]) and not torch.equal(snapshots[1], snapshots[2])
-    assert dpo.trainable.injection is stage1.trainable.injection  # one attachment, shared by every stage
+    assert dpo.trained.injection is stage1.trained.injection  # one attachment, shared by every stage
 
 
 def test_bad_preference_rows_are_named(tmp_path):

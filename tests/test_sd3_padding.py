@@ -6,7 +6,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.utils import logging as diffusers_logging
 
 from softalign import SoftTokens, SoftTokensConfig, attach_soft_tokens
-from softalign.backbones import backbone_for, collapsed_generation, context_dim_of
+from softalign.families import backbone_for, collapsed_generation, context_dim_of
 from softalign.sd3_padding import (
     CollapsedPadding,
     collapse_zero_padding,
@@ -170,9 +170,9 @@ def test_trainers_on_a_t5_less_pipeline_match_the_stock_256_row_path(tmp_path):
     from rl_fixtures import brightness, tiny_ddpo_config
     from shapes_data import shapes_pairs
 
-    from softalign.config import SoftAlignConfig
     from softalign.rl.ddpo_trainer import DDPOTrainer
-    from softalign.trainer import SoftAlignTrainer
+    from softalign.softalign_config import SoftAlignConfig
+    from softalign.softalign_trainer import SoftAlignTrainer
 
     runs = {}
     for collapsed in (True, False):
@@ -198,7 +198,7 @@ def test_trainers_on_a_t5_less_pipeline_match_the_stock_256_row_path(tmp_path):
 
 
 def test_a_pipeline_saved_without_t5_loads_through_softalign(tmp_path):
-    from softalign.cli import load_pipeline
+    from softalign import load_pipeline
 
     without_t5(tiny_pipeline("sd3")).save_pretrained(tmp_path / "no-t5")
     pipe = load_pipeline(str(tmp_path / "no-t5"))  # plain DiffusionPipeline.from_pretrained refuses the null T5

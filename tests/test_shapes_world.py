@@ -80,7 +80,9 @@ def test_count_noise_happens_at_its_recorded_rates():
 def test_colour_relation_object_and_generic_noise_rates():
     colors = _draw("colors", CaptionNoise(color_drop=0.25, color_swap=0.2))
     dropped = _share(colors, lambda line, c: not any(name in c.split() for name in COLORS))
-    swapped = _share(colors, lambda line, c: any(n in c.split() for n in COLORS) and line["include"][0]["color"] not in c)
+    swapped = _share(
+        colors, lambda line, c: any(n in c.split() for n in COLORS) and line["include"][0]["color"] not in c
+    )
     assert dropped == pytest.approx(0.25, abs=0.03) and swapped == pytest.approx(0.75 * 0.2, abs=0.03)
     binding = _draw("color_attr", CaptionNoise(binding_swap=1.0))
     assert all(c == _swapped(line) for line, c in binding)

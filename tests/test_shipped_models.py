@@ -6,8 +6,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from softalign.backbones import backbone_for
+from softalign.families import backbone_for
 from softalign.sd3_padding import is_null_t5
+
+pytestmark = pytest.mark.slow  # loads and samples the shipped models: `make test-all`
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

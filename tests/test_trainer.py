@@ -5,11 +5,11 @@ import torch
 from shapes_data import shapes_pairs
 
 from softalign import load_soft_tokens, save_soft_tokens
-from softalign.backbones import denoiser_of
-from softalign.checkpoints import list_checkpoints
-from softalign.config import SoftAlignConfig
+from softalign.families import denoiser_of
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
+from softalign.training import list_checkpoints
 
 PAIRS = shapes_pairs()
 
@@ -68,8 +68,8 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     )
     second.train()
     assert second.state.global_step == 5
-    for name, value in whole.trainable.state_dict().items():
-        assert torch.equal(value, second.trainable.state_dict()[name]), name  # online and EMA tokens
+    for name, value in whole.trained.state_dict().items():
+        assert torch.equal(value, second.trained.state_dict()[name]), name  # online and EMA tokens
     assert [r["loss"] for r in whole.state.log_history] == [r["loss"] for r in second.state.log_history]
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "run")] == [
         "checkpoint-3",
@@ -175,8 +175,8 @@ def test_lora_adapters_each_learn_only_from_their_own_pairs(tmp_path):
     pipe = tiny_pipeline("sd15")
     lora = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_k", "to_v"])
     trainer = SoftAlignTrainer(pipe, config(tmp_path, max_steps=2), PAIRS, peft_config=lora)
-    assert trainer.soft_tokens is None and trainer.trainable.adapters == ["softalign_pos", "softalign_neg"]
-    trainable = trainer.trainable
+    assert trainer.soft_tokens is None and trainer.trained.adapters == ["softalign_pos", "softalign_neg"]
+    trainable = trainer.trained
     x = torch.randn(4, 4, 16, 16)
     context = torch.randn(4, 5, 32)
 
@@ -258,3 +258,94 @@ def test_keep_groups_shuffles_whole_groups_and_refuses_broken_ones(tmp_path):
     )
     with pytest.raises(ValueError, match="keep_groups needs every one of the dataset's groups of 4"):
         SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "odd", keep_groups=True), PAIRS[:14]).prepare_data()
+
+
+def test_center_crop_help_says_what_preprocessing_does():
+    """Defect: the help of center_crop=False spoke of a random crop; data.preprocess resizes to a square, no crop."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from softalign.data import preprocess
+
+    field = {f.name: f for f in dataclasses.fields(SoftAlignConfig)}["center_crop"]
+    text = field.metadata["help"]
+    assert "random" not in text and "aspect ratio" in text and "no crop" in text
+    wide = Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (32, 1)))  # 64 x 32, a ramp
+    squashed = preprocess(wide, 32, False, "ramp")
+    assert squashed[0, 0, 0] < -0.9 and squashed[0, 0, -1] > 0.9  # the whole width kept: resized, not cropped
+
+
+def test_shared_captions_warn_with_counts_and_negatives_come_from_differing_captions(tmp_path):
+    """Defect: images sharing a caption were each other's negatives without a word (win rate exactly 0)."""
+    images = [image for image, _ in PAIRS[:8]]
+    one_caption = [(image, "a red square") for image in images]
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path / "one"), one_caption)
+    with pytest.warns(UserWarning, match=r"7 of 8 examples repeat another example's caption \(1 distinct"):
+        trainer.prepare_data()
+    two_captions = [(image, "a red square" if i % 2 else "a blue circle") for i, image in enumerate(images)]
+    args = config(tmp_path / "two", negatives_per_positive=1, train_batch_size=2, chunk_size=2)
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), args, two_captions)
+    with pytest.warns(UserWarning, match="drawn from captions that differ"):
+        trainer.prepare_data()
+    rows = trainer.data.caption_rows
+    for step in range(12):  # three epochs of four micro-batches
+        batch = trainer._batch_indices(step, 0)
+        assert rows[batch[0]] != rows[batch[1]], step  # each image's negative has the other caption
+    assert sorted(torch.cat([trainer._batch_indices(s, 0) for s in range(4)]).tolist()) == list(range(8))
+
+
+def test_distinct_captions_keep_the_data_order():
+    """Where every caption is distinct, negatives are drawn exactly as before (one permutation per epoch); where
+    they repeat, each group holds distinct captions as long as the remaining examples allow it."""
+    from softalign.data import distinct_caption_order
+
+    order = torch.randperm(8)
+    assert torch.equal(distinct_caption_order(order, torch.arange(8), 4), order)
+    captions = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    arranged = distinct_caption_order(torch.arange(8), captions, 2)
+    assert sorted(arranged.tolist()) == list(range(8))
+    pairs = captions[arranged].reshape(-1, 2)
+    assert all(a != b for a, b in pairs.tolist())
+
+
+def test_deprecated_names_still_work_and_warn(tmp_path):
+    from softalign.trainable import TrainableState, TrainedParameters
+
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path), PAIRS)
+    with pytest.warns(DeprecationWarning, match="batch_summary"):
+        assert trainer.derived() == trainer.batch_summary()
+    with pytest.warns(DeprecationWarning, match="trained"):
+        assert trainer.trainable is trainer.trained
+    assert isinstance(trainer.trained, TrainedParameters) and issubclass(TrainableState, TrainedParameters)
+    with pytest.warns(DeprecationWarning, match="softalign.softalign_trainer"):
+        import importlib
+        import sys
+
+        sys.modules.pop("softalign.trainer", None)
+        old = importlib.import_module("softalign.trainer")
+    assert old.SoftAlignTrainer is SoftAlignTrainer
+
+
+class NotATensor:
+    """A class `torch.load(weights_only=True)` refuses to unpickle."""
+
+
+def test_resuming_from_a_refused_pickle_gives_softalign_s_message_not_torch_s(tmp_path):
+    """Defect: a checkpoint pickle that weights_only refuses surfaced torch's UnpicklingError, whose text advises
+    `weights_only=False`; every resume path reads through `read_training_files` and refuses in its own words."""
+    from softalign.training import write_integrity
+
+    trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config(tmp_path, max_steps=1), PAIRS)
+    trainer.train()
+    checkpoint = list_checkpoints(tmp_path / "run")[-1]
+    torch.save({"optimizer": NotATensor()}, checkpoint / "optimizer.pt")
+    write_integrity(checkpoint)  # an intact record: the file is what its writer meant, just not loadable safely
+    resumed = SoftAlignTrainer(
+        tiny_pipeline("sd15"), config(tmp_path, max_steps=2, resume_from_checkpoint=str(checkpoint)), PAIRS
+    )
+    with pytest.raises(ValueError, match="Refused to resume") as raised:
+        resumed.train()
+    assert "weights_only=False" not in str(raised.value)
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__

@@ -24,12 +24,12 @@ import pytest
 import torch
 from shapes_data import shapes_pairs
 
-from softalign.checkpoints import list_checkpoints, verify
-from softalign.config import SoftAlignConfig
-from softalign.loaders import read_soft_tokens
 from softalign.run_lock import RunLock
+from softalign.soft_tokens import SoftTokens
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
+from softalign.training import list_checkpoints, verify
 
 PAIRS = shapes_pairs()
 FAIL_AT = 3  # the checkpoint whose write fails
@@ -122,7 +122,7 @@ def disk_full_in_torch_save():
 
 @contextlib.contextmanager
 def permission_denied_on_integrity_record():
-    import softalign.checkpoints as checkpoints
+    import softalign.training as checkpoints
 
     real = checkpoints.write_integrity
 
@@ -204,7 +204,7 @@ def softalign_checkpoint_fault(name: str, root: Path) -> FaultOutcome:
 def ddpo_checkpoint_fault(name: str, root: Path) -> FaultOutcome:
     """The same for DDPO: its checkpoint FAIL_AT (after epoch FAIL_AT) hits a full disk."""
     from softalign import SoftTokens, SoftTokensConfig
-    from softalign.backbones import context_dim_of
+    from softalign.families import context_dim_of
     from softalign.rl.ddpo_config import DDPOConfig
     from softalign.rl.ddpo_trainer import DDPOTrainer
 
@@ -310,7 +310,7 @@ def adapter_fault(kind: str, root: Path) -> FaultOutcome:
             outcome.error = _first_line(error)
             outcome.checks["error is ENOSPC / EACCES"] = error.errno in (errno.ENOSPC, errno.EACCES)
     outcome.checks["previous adapter intact, byte for byte"] = _snapshot(adapter) == before
-    loaded = read_soft_tokens(adapter).state_dict()
+    loaded = SoftTokens.from_pretrained(adapter).state_dict()
     outcome.checks["previous adapter still loads"] = all(torch.equal(loaded[k], v) for k, v in tensors.items())
     outcome.checks["no staging directory left"] = not _staging(run)
     return outcome
@@ -426,7 +426,7 @@ def test_read_only_output_directory_keeps_the_checkpoints_and_stops(tmp_path):
 
 
 def test_a_killed_checkpoint_write_is_tidied_by_the_next_save(tmp_path):
-    from softalign.checkpoints import save_checkpoint
+    from softalign.training import save_checkpoint
 
     run = tmp_path / "run"
     (run / ".checkpoint-3.tmp-0badc0de").mkdir(parents=True)  # killed while writing: half-written

@@ -13,7 +13,7 @@ from rl_fixtures import brightness, gaussian_lora, tiny_ddpo_config, tokens_for,
 from safetensors.torch import save_file
 
 from softalign.rl.ddpo_trainer import DDPOTrainer
-from softalign.rl.dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from softalign.rl.diffusion_dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
 from softalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)
@@ -42,6 +42,6 @@ else:
 
 assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
 rank = trainer.accelerator.process_index
-save_file(trainer.trainable.state_dict(), f"{out}/{kind}-init-rank{rank}.safetensors")
+save_file(trainer.trained.state_dict(), f"{out}/{kind}-init-rank{rank}.safetensors")
 trainer.train()
-save_file(trainer.trainable.state_dict(), f"{out}/{kind}-rank{rank}.safetensors")
+save_file(trainer.trained.state_dict(), f"{out}/{kind}-rank{rank}.safetensors")

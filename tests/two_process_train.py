@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 from shapes_data import shapes_pairs
 
-from softalign.config import SoftAlignConfig
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 torch.set_num_threads(1)
 out = sys.argv[1]
@@ -16,5 +16,5 @@ config = SoftAlignConfig(output_dir=out, max_steps=3, resolution=32, save_steps=
 trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config, shapes_pairs())
 trainer.train()
 rank = trainer.accelerator.process_index
-save_file(trainer.trainable.state_dict(), f"{out}/rank{rank}.safetensors")
+save_file(trainer.trained.state_dict(), f"{out}/rank{rank}.safetensors")
 assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes

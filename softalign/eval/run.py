@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..backbones import collapsed_generation
+from ..families import collapsed_generation
 from .report import caption, markdown_report, save_grid
 from .rules import evaluate_detections
 from .run_key import check_run_dir, run_key

@@ -98,10 +98,12 @@ class CLIPCore:
 
     @property
     def device(self) -> torch.device:
+        """Where the CLIP model's weights live."""
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The CLIP model's weight dtype."""
         return next(self.model.parameters()).dtype
 
     def pil_pixels(self, images: list[Image.Image]) -> torch.Tensor:

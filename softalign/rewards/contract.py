@@ -137,9 +137,11 @@ class Scorer:
     needs_prompts = True
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Differentiable scores `(B,)` of images `(B, 3, H, W)` in [0, 1] for their prompts."""
         raise NotImplementedError
 
     def metric_scores(self, images: list[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        """Scores `(B,)` of PIL images for their prompts, preprocessed as the model's own processor does."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -155,6 +157,7 @@ class Scorer:
         return out
 
     def __call__(self, images, prompts, metadata=None) -> tuple[torch.Tensor, dict]:
+        """TRL's DDPO `reward_fn`: `(rewards (B,), info)` for images in [0, 1], without gradient."""
         prompts = list(prompts)
         images = to_tensor_images(images)
         if len(images) != len(prompts):

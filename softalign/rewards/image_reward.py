@@ -180,6 +180,7 @@ class ImageReward(Scorer):
 
     @property
     def device(self) -> torch.device:
+        """Where the BLIP model's weights live."""
         return next(self.model.parameters()).device
 
     def rewards_from_pixels(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
@@ -204,9 +205,11 @@ class ImageReward(Scorer):
         return (self.head(features) - self.settings["mean"]) / self.settings["std"]
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Differentiable ImageReward scores `(B,)` of images in [0, 1] for their prompts."""
         pixels = tensor_pixels(images, self.image_size, self.settings["image_mean"], self.settings["image_std"])
         return self.rewards_from_pixels(pixels, prompts)
 
     def metric_scores(self, images, prompts: Sequence[str]) -> torch.Tensor:
+        """ImageReward scores `(B,)` of PIL images for their prompts."""
         pixels = pil_pixels(images, self.image_size, self.settings["image_mean"], self.settings["image_std"])
         return self.rewards_from_pixels(pixels, prompts)

@@ -96,6 +96,7 @@ class CLIPScore(_CLIPTextImage):
         self.scale = scale
 
     def formula(self, image_embeds, text_embeds):
+        """[`clip_score`] of the embeddings."""
         return clip_score(image_embeds, text_embeds, self.scale)
 
 
@@ -106,6 +107,7 @@ class PickScore(_CLIPTextImage):
     name = "pickscore"
 
     def formula(self, image_embeds, text_embeds):
+        """[`pick_score`] with the model's own logit scale."""
         return pick_score(image_embeds, text_embeds, self.core.model.logit_scale.detach().float())
 
 
@@ -116,6 +118,7 @@ class HPSv2(_CLIPTextImage):
     name = "hps"
 
     def formula(self, image_embeds, text_embeds):
+        """[`hps_score`] of the embeddings."""
         return hps_score(image_embeds, text_embeds)
 
 
@@ -136,6 +139,7 @@ class AestheticHead(torch.nn.Module):
         self.eval().requires_grad_(False)
 
     def forward(self, normalised_embeds: torch.Tensor) -> torch.Tensor:
+        """The head's score `(B,)` of L2-normalised CLIP image embeddings."""
         return self.layers(normalised_embeds).squeeze(-1)
 
     @classmethod
@@ -200,7 +204,9 @@ class AestheticScore(Scorer):
         return cls(CLIPCore.from_pretrained(clip_path, device, torch_dtype), AestheticHead.from_file(head_path))
 
     def score(self, images: torch.Tensor, prompts: Sequence[str] = ()) -> torch.Tensor:
+        """Differentiable aesthetic scores `(B,)` of images in [0, 1] (prompts are ignored)."""
         return aesthetic_score(self.core.image_embeds(self.core.tensor_pixels(images)), self.head)
 
     def metric_scores(self, images, prompts: Sequence[str] = ()) -> torch.Tensor:
+        """Aesthetic scores `(B,)` of PIL images (prompts are ignored)."""
         return aesthetic_score(self.core.image_embeds(self.core.pil_pixels(images)), self.head)

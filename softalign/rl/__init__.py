@@ -3,7 +3,8 @@
 
 from .ddpo_config import DDPOConfig
 from .ddpo_trainer import DDPOTrainer
-from .dpo_trainer import DiffusionDPOConfig, DiffusionDPOTrainer
+from .diffusion_dpo_config import DiffusionDPOConfig
+from .diffusion_dpo_trainer import DiffusionDPOTrainer
 from .rewards import GenEvalReward, dense_score, jpeg_compressibility
 from .samplers import ddim_step_with_logprob, flow_sde_step_with_logprob
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .. import __version__
+from ..version import __version__
 
 
 @dataclass
@@ -106,7 +106,9 @@ class DDPOConfig:
 
     @property
     def num_train_timesteps(self) -> int:
+        """Timesteps trained per trajectory: `int(sample_num_steps * train_timestep_fraction)`, at least 1."""
         return max(1, int(self.sample_num_steps * self.train_timestep_fraction))
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict (JSON-ready)."""
         return dataclasses.asdict(self)

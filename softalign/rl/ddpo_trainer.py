@@ -14,20 +14,38 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import os
 import random
 import time
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..backbones import backbone_for
-from ..checkpoints import read_training_files, resolve_checkpoint, save_checkpoint, write_training_files
-from ..distributed import average_gradients, make_accelerator
+from ..families import backbone_for, freeze, image_side
 from ..run_lock import RunLock
-from ..trainable import TrainableState
+from ..soft_tokens import SoftTokens
+from ..softalign_trainer import AlignmentTerm, SoftAlignTrainer, as_alignment_term
+from ..trainable import TrainedParameters
+from ..training import (
+    TrainerState,
+    average_gradients,
+    finish_trackers,
+    log_to_trackers,
+    make_accelerator,
+    read_training_files,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_run_config,
+    save_trained,
+    start_trackers,
+    write_training_files,
+)
 from .ddpo_config import DDPOConfig
 from .samplers import (
     ddim_step_mean_std,
@@ -36,11 +54,16 @@ from .samplers import (
     flow_sde_step_with_logprob,
     gaussian_kl,
 )
-from .save_model import SaveModelMixin
 from .stat_tracking import PerPromptStatTracker
 
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig
 
-class DDPOTrainer(SaveModelMixin):
+RUN_CONFIG_NAME = "ddpo_config.json"
+
+
+class DDPOTrainer:
     """DDPO on the parameters a SoftAlign stage trains.
 
     Args:
@@ -50,8 +73,9 @@ class DDPOTrainer(SaveModelMixin):
         pipeline: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `StableDiffusion3Pipeline`.
         soft_tokens ([`SoftTokens`], *optional*): trained through their bank 0 (psi+), e.g. from a SoftAlign stage.
         peft_config (`peft.LoraConfig`, *optional*): also (or only) train a LoRA adapter `softalign`.
-        alongside ([`SoftAlignTrainer`], *optional*): built on the same pipeline and tokens; its objective is added
-            with weight `config.alongside_weight` at every optimiser step.
+        alongside ([`SoftAlignTrainer`] or [`AlignmentTerm`], *optional*): built on the same pipeline and tokens; its
+            objective is added with weight `config.alongside_weight` at every optimiser step, its EMA follows each
+            step, and its tensors are checkpointed with the run.
         image_samples_hook (`callable`, *optional*): `(prompts, images, epoch)` after each sampling phase; works
             without any tracker.
     """
@@ -59,53 +83,81 @@ class DDPOTrainer(SaveModelMixin):
     def __init__(
         self,
         config: DDPOConfig,
-        reward_function,
-        prompt_function,
-        pipeline,
-        soft_tokens=None,
-        peft_config=None,
-        alongside=None,
-        image_samples_hook=None,
+        reward_function: Callable,
+        prompt_function: Callable,
+        pipeline: DiffusionPipeline,
+        soft_tokens: SoftTokens | None = None,
+        peft_config: LoraConfig | None = None,
+        alongside: SoftAlignTrainer | AlignmentTerm | None = None,
+        image_samples_hook: Callable | None = None,
         accelerator=None,
     ):
         from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        self.config = config
+        self.args = self.config = config  # `config`, as trl's DDPOTrainer calls it
         self.reward_function, self.prompt_function = reward_function, prompt_function
         self.pipe = pipeline
         self.backbone = backbone_for(pipeline)
         self.accelerator = accelerator or make_accelerator(config.mixed_precision, config.output_dir, config.log_with)
         if soft_tokens is None and peft_config is None:
             raise ValueError("DDPOTrainer needs parameters to train: soft_tokens and/or peft_config.")
-        self.backbone.denoiser.requires_grad_(False)
-        for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            if getattr(pipeline, name, None) is not None:
-                getattr(pipeline, name).requires_grad_(False)
-        self.trainable = TrainableState(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
+        freeze(pipeline)
+        self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.soft_tokens = soft_tokens
-        self.alongside = alongside
+        self.alongside = as_alignment_term(alongside)
         if config.alongside_weight > 0 and alongside is None:
             raise ValueError("alongside_weight > 0 needs an `alongside` SoftAlignTrainer.")
-        self.flow = self.backbone.prediction_type == "flow"
+        self.flow = self.backbone.flow
         scheduler_class = FlowMatchEulerDiscreteScheduler if self.flow else DDIMScheduler
         self.scheduler = scheduler_class.from_config(pipeline.scheduler.config)  # the user's pipeline is untouched
         self.optimizer = torch.optim.AdamW(
-            self.trainable.parameters(),
+            self.trained.parameters(),
             lr=config.train_learning_rate,
             betas=(config.train_adam_beta1, config.train_adam_beta2),
             weight_decay=config.train_adam_weight_decay,
             eps=config.train_adam_epsilon,
         )
         # the KL penalty's reference policy: a copy of the trained parameters before any update (checkpointed)
-        self.reference = [p.detach().clone() for p in self.trainable.parameters()] if config.kl_coef > 0 else None
+        self.reference = [p.detach().clone() for p in self.trained.parameters()] if config.kl_coef > 0 else None
         self.stat_tracker = PerPromptStatTracker(
             config.per_prompt_stat_tracking_buffer_size, config.per_prompt_stat_tracking_min_count
         )
         self.image_samples_hook = image_samples_hook
-        self.epoch, self.global_step, self.log_history = 0, 0, []
+        self.state = TrainerState()
         self.output_dir = Path(config.output_dir)
         self.executor = ThreadPoolExecutor(config.max_workers) if config.async_reward_computation else None
         self._negative = None  # encoded negative prompt, (1, ...) per conditioning tensor
+
+    # -- the shared trainer surface -------------------------------------------------------------------------------
+    @property
+    def trainable(self) -> TrainedParameters:
+        """Deprecated alias of `trained` (removed in the next release)."""
+        warnings.warn("DDPOTrainer.trainable is deprecated; use .trained.", DeprecationWarning, stacklevel=2)
+        return self.trained
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs (`state.epoch`)."""
+        return self.state.epoch
+
+    @property
+    def global_step(self) -> int:
+        """Optimiser steps taken (`state.global_step`)."""
+        return self.state.global_step
+
+    @property
+    def log_history(self) -> list[dict]:
+        """One record per epoch (`state.log_history`)."""
+        return self.state.log_history
+
+    def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write the trained parameters: soft tokens to `output_dir` (default `<output_dir>/adapter`) in the adapter
+        format, the LoRA (when trained) to `<its parent>/lora/softalign/`; load them with `load_soft_tokens` and
+        `load_lora`. The run config is saved beside them."""
+        target = save_trained(self.accelerator, self.trained, output_dir, self.output_dir)
+        if self.accelerator.is_main_process:
+            save_run_config(self.config, target.parent / RUN_CONFIG_NAME)
+        return target
 
     # -- randomness ---------------------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
@@ -123,8 +175,9 @@ class DDPOTrainer(SaveModelMixin):
         return {"cond": cond, "uncond": uncond}
 
     def _predict(self, latents, timesteps, conditioning, guidance: bool):
-        if not guidance:
-            return self.backbone.predict(latents, timesteps, conditioning["cond"])
+        if not guidance:  # under autocast like the guided path, so mixed precision means the same on both
+            with self.accelerator.autocast():
+                return self.backbone.predict(latents, timesteps, conditioning["cond"]).float()
         both = {k: torch.cat([conditioning["uncond"][k], conditioning["cond"][k]]) for k in conditioning["cond"]}
         steps = timesteps.reshape(-1).expand(latents.shape[0]) if timesteps.numel() == 1 else timesteps
         with self.accelerator.autocast():
@@ -149,7 +202,7 @@ class DDPOTrainer(SaveModelMixin):
     @contextmanager
     def _reference_parameters(self):
         """The trained parameters temporarily hold the reference values (restored bit for bit on exit)."""
-        params = self.trainable.parameters()
+        params = self.trained.parameters()
         current = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, ref in zip(params, self.reference, strict=True):
@@ -170,7 +223,7 @@ class DDPOTrainer(SaveModelMixin):
         torch.manual_seed(seed)
         prompts, metadata = zip(*[self.prompt_function() for _ in range(c.sample_batch_size)], strict=True)
         conditioning = self._conditioning(prompts)
-        side = c.resolution or self.backbone.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        side = c.resolution or image_side(self.pipe)
         channels = self.backbone.denoiser.config.in_channels
         shape = (c.sample_batch_size, channels, side // self.pipe.vae_scale_factor, side // self.pipe.vae_scale_factor)
         generator = torch.Generator().manual_seed(seed)
@@ -195,10 +248,7 @@ class DDPOTrainer(SaveModelMixin):
         }
 
     def _decode(self, latents):
-        vae = self.pipe.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        images = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return self.backbone.decode(latents)
 
     def _rewards(self, samples: dict):
         def score():
@@ -269,7 +319,7 @@ class DDPOTrainer(SaveModelMixin):
         c = self.config
         merged = _merge(samples)
         total = merged["latents"].shape[0]
-        params = self.trainable.parameters()
+        params = self.trained.parameters()
         accumulation = c.train_gradient_accumulation_steps * c.num_train_timesteps
         logs, micro = {"loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0, **({"kl": 0.0} if c.kl_coef > 0 else {})}, 0
         for inner in range(c.train_num_inner_epochs):
@@ -306,18 +356,23 @@ class DDPOTrainer(SaveModelMixin):
 
     def _optimizer_step(self, params) -> None:
         if self.alongside is not None and self.config.alongside_weight > 0:
-            self.alongside._micro_step(self.global_step, 0, loss_scale=self.config.alongside_weight)
+            self.alongside.backward(self.global_step, self.config.alongside_weight)
         average_gradients(self.accelerator, params)
         torch.nn.utils.clip_grad_norm_(params, self.config.train_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.alongside is not None and self.alongside.trainable.ema_tokens is not None:
-            self.alongside.trainable.update_ema(self.alongside.args.ema_decay)
-        self.global_step += 1
+        if self.alongside is not None:
+            self.alongside.after_optimizer_step()
+        self.state.global_step += 1
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def train(self, epochs: int | None = None):
-        """Run `epochs` (default `config.num_epochs`) epochs of sampling and training."""
+    def train(self, epochs: int | None = None) -> TrainerState:
+        """Run (or resume, with `config.resume_from`) `epochs` (default `config.num_epochs`) epochs of sampling and
+        training.
+
+        Returns:
+            [`TrainerState`]: `epoch`, `global_step` and `log_history` (one record per epoch).
+        """
         from tqdm.auto import tqdm
 
         c = self.config
@@ -325,8 +380,11 @@ class DDPOTrainer(SaveModelMixin):
             checkpoint = resolve_checkpoint(self.output_dir, c.resume_from)
             if checkpoint is not None:
                 self._load_checkpoint(checkpoint)
-            if self.alongside is not None and self.alongside.data is None:
-                self.alongside.prepare_data()
+            if self.alongside is not None:
+                self.alongside.prepare()
+            if self.accelerator.is_main_process:
+                save_run_config(c, self.output_dir / RUN_CONFIG_NAME)
+            start_trackers(self.accelerator, "softalign-ddpo", c.to_dict())
             last = epochs if epochs is not None else c.num_epochs
             bar = tqdm(range(self.epoch, last), desc="ddpo", disable=not self.accelerator.is_local_main_process)
             for epoch in bar:
@@ -352,15 +410,18 @@ class DDPOTrainer(SaveModelMixin):
                     "wall_seconds": round(time.time() - started, 3),
                     **logs,
                 }
-                self.log_history.append(record)
+                self.state.log_history.append(record)
+                log_to_trackers(self.accelerator, record, epoch)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{logs['approx_kl']:.2e}")
-                self.epoch = epoch + 1
+                self.state.epoch = epoch + 1
                 if self.epoch % c.save_freq == 0 or self.epoch == last:
                     self.save_checkpoint()
-        return self.log_history
+            finish_trackers(self.accelerator)
+        return self.state
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    def save_checkpoint(self):
+    def save_checkpoint(self) -> Path | None:
+        """Write `checkpoint-<epoch>` (atomic, with an integrity record); keeps `num_checkpoint_limit` of them."""
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -374,18 +435,18 @@ class DDPOTrainer(SaveModelMixin):
                 "stat_tracker": self.stat_tracker.state_dict(),
                 "config": self.config.to_dict(),
             }
-            write_training_files(folder, self.trainable, {"optimizer": self.optimizer}, state)
+            write_training_files(folder, self.trained, {"optimizer": self.optimizer}, state)
             if self.reference is not None:
                 save_file({str(i): ref for i, ref in enumerate(self.reference)}, str(folder / "reference.safetensors"))
             if self.alongside is not None:
-                save_file(self.alongside.trainable.state_dict(), str(folder / "alongside.safetensors"))
+                save_file(self.alongside.state_dict(), str(folder / "alongside.safetensors"))
 
         return save_checkpoint(self.output_dir, self.epoch, write, self.config.num_checkpoint_limit)
 
     def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        state = read_training_files(path, self.trainable, {"optimizer": self.optimizer})
+        state = read_training_files(path, self.trained, {"optimizer": self.optimizer})
         if self.reference is not None:
             if not (path / "reference.safetensors").is_file():
                 raise ValueError(
@@ -395,8 +456,8 @@ class DDPOTrainer(SaveModelMixin):
             saved = load_file(str(path / "reference.safetensors"))
             self.reference = [saved[str(i)] for i in range(len(self.reference))]
         if self.alongside is not None and (path / "alongside.safetensors").is_file():
-            self.alongside.trainable.load_state_dict(load_file(str(path / "alongside.safetensors")))
-        self.epoch, self.global_step, self.log_history = state["epoch"], state["global_step"], state["log_history"]
+            self.alongside.load_state_dict(load_file(str(path / "alongside.safetensors")))
+        self.state = TrainerState(state["global_step"], state["log_history"], epoch=state["epoch"])
         self.stat_tracker.load_state_dict(state["stat_tracker"])
 
 

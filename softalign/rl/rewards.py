@@ -106,6 +106,7 @@ class GenEvalReward:
         self.dense = dense
 
     def __call__(self, images, prompts, metadata) -> tuple[torch.Tensor, dict]:
+        """trl's reward contract: `(images (B, 3, H, W) in [0, 1], prompts, metadata) -> (rewards (B,), info)`."""
         pil = to_pil_images(images)
         if not len(pil) == len(prompts) == len(metadata):
             raise ValueError(f"Got {len(pil)} images, {len(prompts)} prompts and {len(metadata)} metadata entries.")

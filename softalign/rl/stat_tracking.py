@@ -16,6 +16,7 @@ class PerPromptStatTracker:
         self.stats: dict[str, deque] = {}
 
     def update(self, prompts, rewards) -> np.ndarray:
+        """Advantages of `rewards`: normalised by their prompt's running statistics, or globally below `min_count`."""
         prompts, rewards = np.asarray(prompts), np.asarray(rewards, dtype=np.float64)
         advantages = np.empty_like(rewards)
         for prompt in np.unique(prompts):
@@ -30,7 +31,9 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict:
+        """The buffered rewards per prompt (for checkpoints)."""
         return {prompt: list(values) for prompt, values in self.stats.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict()` returned."""
         self.stats = {prompt: deque(values, maxlen=self.buffer_size) for prompt, values in state.items()}

@@ -29,37 +29,289 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import pickle
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+try:
+    from trl import AlignPropTrainer, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
+except ImportError as error:  # trl >= 0.24 has no diffusion trainers
+    raise ImportError(
+        f"softalign.rl.trl needs trl==0.23.1 (the last release with DDPOTrainer and AlignPropTrainer): {error}. "
+        "Install it with `pip install 'softalign[trl]'`."
+    ) from error
+from accelerate import PartialState
+from accelerate.tracking import GeneralTracker
+
 from ..atomic import atomic_directory
+from ..families import base_model_record
 from ..injection import attach_soft_tokens, check_compatible, injection_of
-from ..loaders import read_soft_tokens, save_soft_tokens
+from ..loaders import lora_config
 from ..soft_tokens import SoftTokens
-from .trl_trainers import (  # checks that trl 0.23.1 is installed
-    DefaultDDPOStableDiffusionPipeline,
-    SoftAlignAlignPropTrainer,
-    SoftAlignDDPOTrainer,
-    ensure_accelerate_state,
-)
+from ..softalign_trainer import AlignmentTerm, SoftAlignTrainer, as_alignment_term
 
 SOFT_TOKENS_DIR = "soft_tokens"  # softalign adapter format (`load_soft_tokens(pipe, dir / SOFT_TOKENS_DIR)`)
 LORA_DIR = "unet_lora"  # PEFT format: adapter_config.json + adapter_model.safetensors
 LORA_WEIGHTS = "adapter_model.safetensors"
 LORA_CONFIG = "adapter_config.json"
 ADAPTER_NAME = "default"  # the name trl and diffusers give a single trained adapter
+STATE_FILE = "softalign_trl_state.json"  # epoch and alongside step of a checkpoint (trl records neither)
+ALONGSIDE_FILE = "alongside.safetensors"  # the alongside term's tensors (AGSM: with its EMA tokens)
+
+
+def ensure_accelerate_state() -> None:
+    """Defect 1: trl's `accelerate.logging` calls fail before any accelerate state exists.
+
+    `PartialState()` is a shared singleton; creating it is idempotent and is what `Accelerator()` would do first.
+    """
+    PartialState()
+
+
+class _NoTracker(GeneralTracker):
+    """Stands in for `accelerator.trackers[0]` when there is no tracker, so trl's image hook call cannot fail."""
+
+    name = "softalign_no_tracker"
+    requires_logging_directory = False
+    main_process_only = False
+
+    @property
+    def tracker(self):
+        return None
+
+
+ALONGSIDE_EVERY = ("optimizer_step", "micro_step")
+
+
+class _RandomStateProblems(logging.Handler):
+    """Collects accelerate's "Could not load random states" (an INFO line, easy to miss) while a checkpoint loads."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "could not load random states" in record.getMessage().lower():
+            self.failed = True
+
+
+class _SoftAlignTrainerMixin:
+    """Defect fixes and the "alongside" term for trl's `DDPOTrainer` and `AlignPropTrainer`.
+
+    Overrides, of trl 0.23.1:
+    - `calculate_loss`: the one method both trainers call inside `accelerator.accumulate(...)` right before
+      `accelerator.backward(loss)`; adding the extra term to its first output puts it in the same backward, on the
+      same parameters, before trl's gradient clipping and optimizer step. Everything else is left to trl.
+    - the optimizer's `step`: after each real step the alongside term's `after_optimizer_step()` runs (AGSM's EMA).
+    - the save/load hooks: a checkpoint also holds the epoch it was written at, the alongside step and the alongside
+      term's tensors; a resumed run starts at the next epoch (trl 0.23.1 takes the first epoch from the checkpoint's
+      number, so with `save_freq=1` it would repeat epoch 1) and warns when accelerate could not restore the RNG state.
+    - `_save_pretrained` (defect 2) and a new `save_model`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        alongside: SoftAlignTrainer | AlignmentTerm | None = None,
+        alongside_loss_fn: Callable[[], torch.Tensor] | None = None,
+        alongside_weight: float = 1.0,
+        alongside_every: str = "optimizer_step",
+        **kwargs,
+    ):
+        ensure_accelerate_state()
+        if alongside_loss_fn is not None and not callable(alongside_loss_fn):
+            raise TypeError(
+                f"alongside_loss_fn must be a callable returning a scalar tensor, got {alongside_loss_fn!r}."
+            )
+        if alongside is not None and alongside_loss_fn is not None:
+            raise ValueError("Pass alongside (a SoftAlignTrainer or its AlignmentTerm) or alongside_loss_fn, not both.")
+        if alongside_every not in ALONGSIDE_EVERY:
+            raise ValueError(f"alongside_every must be one of {ALONGSIDE_EVERY}, got {alongside_every!r}.")
+        # set before trl's constructor: it loads a checkpoint (our hooks need these) when resuming
+        self.alongside = as_alignment_term(alongside)
+        self.alongside_loss_fn = alongside_loss_fn
+        self.alongside_weight = float(alongside_weight)
+        self.alongside_every = alongside_every
+        self.alongside_step = 0
+        self.last_alongside_loss: float | None = None
+        self._epoch = 0
+        self._resumed_epoch: int | None = None
+        if self.alongside is not None:
+            self.alongside.prepare()
+        problems = _RandomStateProblems()
+        accelerate_logger = logging.getLogger("accelerate.checkpointing")
+        accelerate_logger.addHandler(problems)
+        level = accelerate_logger.level
+        accelerate_logger.setLevel(logging.INFO)
+        try:
+            super().__init__(*args, **kwargs)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"Refused to resume from {self.config.resume_from}: a file of the checkpoint holds objects that "
+                "torch.load(weights_only=True) does not allow. softalign never unpickles arbitrary objects; resume "
+                "from a checkpoint this trainer wrote, or start afresh."
+            ) from None
+        finally:
+            accelerate_logger.removeHandler(problems)
+            accelerate_logger.setLevel(level)
+        if self.config.resume_from:
+            self._fix_first_epoch()
+            if problems.failed:
+                warnings.warn(
+                    f"Could not restore the random state of {self.config.resume_from} (accelerate refused or could "
+                    "not read random_states_*.pkl): the resumed run draws different samples than an uninterrupted "
+                    "one would.",
+                    stacklevel=3,
+                )
+        self._wrap_optimizer_step()
+        self._patch_image_samples_hook()
+
+    def _fix_first_epoch(self) -> None:
+        if self._resumed_epoch is not None:
+            self.first_epoch = self._resumed_epoch + 1
+            return
+        # a checkpoint trl wrote alone: checkpoint_k is the (k + 1)-th save, written after epoch (k + 1) * save_freq
+        number = int(os.path.basename(os.path.normpath(self.config.resume_from)).split("_")[-1])
+        self.first_epoch = (number + 1) * self.config.save_freq + 1
+
+    def _wrap_optimizer_step(self) -> None:
+        step = self.optimizer.step
+
+        def step_then_alongside(*args, **kwargs):
+            result = step(*args, **kwargs)
+            if self.accelerator.sync_gradients and self.alongside is not None:  # a real step, not an accumulation
+                self.alongside.after_optimizer_step()
+            return result
+
+        self.optimizer.step = step_then_alongside
+
+    def step(self, epoch: int, global_step: int):
+        """trl's epoch (sampling and training), remembering the epoch for the checkpoint it may write."""
+        self._epoch = epoch
+        return super().step(epoch, global_step)
+
+    def _save_model_hook(self, models, weights, output_dir):
+        super()._save_model_hook(models, weights, output_dir)
+        state = {"epoch": self._epoch, "alongside_step": self.alongside_step}
+        Path(output_dir, STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+        if self.alongside is not None:
+            from safetensors.torch import save_file
+
+            save_file(self.alongside.state_dict(), str(Path(output_dir, ALONGSIDE_FILE)))
+
+    def _load_model_hook(self, models, input_dir):
+        super()._load_model_hook(models, input_dir)
+        state_file = Path(input_dir, STATE_FILE)
+        if state_file.is_file():
+            state = json.loads(state_file.read_text(encoding="utf-8"))
+            self._resumed_epoch, self.alongside_step = int(state["epoch"]), int(state.get("alongside_step", 0))
+        if self.alongside is not None and Path(input_dir, ALONGSIDE_FILE).is_file():
+            from safetensors.torch import load_file
+
+            self.alongside.load_state_dict(load_file(str(Path(input_dir, ALONGSIDE_FILE))))
+
+    def _patch_image_samples_hook(self) -> None:
+        # Defect 5: trl passes `self.accelerator.trackers[0]`, which does not exist without `log_with` (nor on the
+        # non-main processes, where accelerate creates no trackers). A placeholder makes the index valid and the
+        # wrapper hands the user's hook `None` in its place.
+        hook = self.image_samples_callback
+        if hook is None:
+            return
+        if not self.accelerator.trackers:
+            self.accelerator.trackers.append(_NoTracker())
+
+        def image_samples_hook(samples, global_step, tracker):
+            return hook(samples, global_step, None if isinstance(tracker, _NoTracker) else tracker)
+
+        self.image_samples_callback = image_samples_hook
+
+    def _alongside_loss(self) -> torch.Tensor | None:
+        if self.alongside is not None:
+            extra = self.alongside.loss(self.alongside_step)
+            self.alongside_step += 1
+            return extra
+        if self.alongside_loss_fn is not None:
+            return self.alongside_loss_fn()
+        return None
+
+    def calculate_loss(self, *args, **kwargs):
+        """trl's loss plus `alongside_weight` times the alongside term (`alongside.loss(k)` or `alongside_loss_fn()`).
+
+        With `alongside_every="optimizer_step"` (default) the term is evaluated once per optimizer step, on the
+        micro-step that syncs gradients, and scaled by the accumulation steps, so that after accelerate divides every
+        micro-step's loss by them its gradient is exactly `weight * grad(term)` per optimizer step.
+        `"micro_step"` evaluates it at every micro-step (DDPO: every trained timestep), averaging as many draws of a
+        stochastic term at as many times the cost.
+        """
+        output = super().calculate_loss(*args, **kwargs)
+        if (self.alongside is None and self.alongside_loss_fn is None) or self.alongside_weight == 0.0:
+            return output
+        scale = 1.0
+        if self.alongside_every == "optimizer_step":
+            if not self.accelerator.sync_gradients:
+                return output
+            scale = float(self.accelerator.gradient_accumulation_steps)
+        extra = self._alongside_loss()
+        if not isinstance(extra, torch.Tensor) or extra.numel() != 1:
+            found = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__
+            raise ValueError(f"alongside_loss_fn must return a scalar torch.Tensor, got {found}.")
+        self.last_alongside_loss = float(extra.detach())
+        term = (self.alongside_weight * scale) * extra.reshape(())
+        if isinstance(output, tuple):  # DDPO: (loss, approx_kl, clipfrac)
+            return (output[0] + term, *output[1:])
+        return output + term
+
+    def _save_pretrained(self, save_directory) -> None:
+        # Defect 2: trl's version calls `create_model_card`, written for `transformers.Trainer` (AttributeError).
+        if self.accelerator.is_main_process:
+            self.sd_pipeline.save_pretrained(save_directory)
+
+    def save_model(self, output_dir) -> None:
+        """Save the trained adapters to `output_dir` (the same as `save_pretrained`)."""
+        self.save_pretrained(output_dir)
+
+
+class SoftAlignDDPOTrainer(_SoftAlignTrainerMixin, DDPOTrainer):
+    """trl 0.23.1's `DDPOTrainer` with an optional extra loss "alongside" DDPO, and defects 1, 2 and 5 fixed.
+
+    Takes trl's arguments `(config, reward_function, prompt_function, sd_pipeline, image_samples_hook=None)` plus:
+
+    Args:
+        alongside ([`SoftAlignTrainer`] or [`AlignmentTerm`], *optional*): softalign's objective (AGSM / SoftREPA on
+            an image-caption batch) on the same parameters, added to each train step's DDPO loss, with its EMA
+            updated after each optimizer step and its tensors checkpointed: the same contract as softalign's own
+            trainers.
+        alongside_loss_fn (`Callable[[], torch.Tensor]`, *optional*): instead of `alongside`, any scalar loss on the
+            same parameters.
+        alongside_weight (`float`, *optional*, defaults to 1.0): its weight lambda (0 switches it off).
+        alongside_every (`str`, *optional*, defaults to `"optimizer_step"`): `"optimizer_step"` or `"micro_step"`;
+            see [`~_SoftAlignTrainerMixin.calculate_loss`].
+
+    The `image_samples_hook` receives `None` as its tracker when there is none. Use it with a
+    [`SoftTokenDDPOStableDiffusionPipeline`] for soft tokens, checkpoints that restore them, and a LoRA resume that
+    keeps training.
+    """
+
+
+class SoftAlignAlignPropTrainer(_SoftAlignTrainerMixin, AlignPropTrainer):
+    """trl 0.23.1's `AlignPropTrainer` with the same additions as [`SoftAlignDDPOTrainer`].
+
+    AlignProp backpropagates the reward through the sampler but detaches the prediction of every step before
+    `truncated_backprop_timestep` (or before a random step in `truncated_rand_backprop_minmax`); with trl's defaults
+    (49, or a step in (0, 50)) and few sampling steps, every step may be detached and no gradient reaches the trained
+    parameters. Keep that step below `sample_num_steps` (e.g. `truncated_backprop_rand=False`,
+    `truncated_backprop_timestep=sample_num_steps - 1`).
+    """
 
 
 def _default_lora_config():
-    from peft import LoraConfig
-
     # trl's `DefaultDDPOStableDiffusionPipeline.get_trainable_layers` uses this adapter.
-    return LoraConfig(
-        r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
-    )
+    return lora_config(4, ("to_k", "to_q", "to_v", "to_out.0"), init_lora_weights="gaussian")
 
 
 class TrainableLayers(nn.Module):
@@ -80,6 +332,7 @@ class TrainableLayers(nn.Module):
         self.lora_names = list(lora_parameters)
 
     def forward(self, *args, **kwargs):
+        """Refuses: this module only holds parameters."""
         raise RuntimeError("TrainableLayers only holds the trained parameters; run the pipeline's UNet instead.")
 
 
@@ -190,10 +443,12 @@ class SoftTokenDDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
 
     @property
     def soft_tokens(self) -> SoftTokens | None:
+        """The soft tokens the pipeline carries (`None` without any)."""
         return None if self.injection is None else self.injection.soft_tokens
 
     @property
     def autocast(self):
+        """trl's autocast context for the UNet calls: none (see the comment below)."""
         # The frozen UNet runs in the trainer's inference dtype; the trained tensors stay float32 and are cast per call
         # (the hooks cast the tokens to the context dtype, PEFT casts LoRA inputs), so no autocast is needed. trl
         # makes the same choice for LoRA.
@@ -233,7 +488,9 @@ class SoftTokenDDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         """
         output_dir = Path(output_dir)
         if self.soft_tokens is not None:
-            save_soft_tokens(self.soft_tokens, output_dir / SOFT_TOKENS_DIR)
+            self.soft_tokens.save_pretrained(
+                output_dir / SOFT_TOKENS_DIR, base_model=base_model_record(self.sd_pipeline)
+            )
         if self.use_lora:
             _save_lora(self.unet, output_dir / LORA_DIR)
 
@@ -251,7 +508,7 @@ class SoftTokenDDPOStableDiffusionPipeline(DefaultDDPOStableDiffusionPipeline):
         _check_one_model(models)
         input_dir = Path(input_dir)
         if self.soft_tokens is not None:
-            saved = read_soft_tokens(_required(input_dir / SOFT_TOKENS_DIR, "soft tokens"))
+            saved = SoftTokens.from_pretrained(_required(input_dir / SOFT_TOKENS_DIR, "soft tokens"))
             expected = self.soft_tokens.config.parameter_shapes()
             if saved.config.parameter_shapes() != expected:
                 raise ValueError(

@@ -72,7 +72,9 @@ class ShapesNet(nn.Module):
             channels = width
         self.features = nn.Sequential(*layers)
         side = config.crop_size // 8
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, 64), nn.ReLU(), nn.Linear(64, len(CLASSES)))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels * side * side, 64), nn.ReLU(), nn.Linear(64, len(CLASSES))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..families import FAMILY_TABLE, get_family
 from .tokenizers import clip_tokenizer, t5_tokenizer
-
-FAMILIES = ("sd15", "sdxl", "sd3")
 
 
 def tiny_pipeline(family: str, seed: int = 0, **overrides):
@@ -32,11 +31,10 @@ def tiny_pipeline(family: str, seed: int = 0, **overrides):
         >>> image = pipe("a photo of a cat", num_inference_steps=2, output_type="np").images[0]
         ```
     """
-    builders = {"sd15": _tiny_sd15, "sdxl": _tiny_sdxl, "sd3": _tiny_sd3}
-    if family not in builders:
+    if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}.")
     torch.manual_seed(seed)
-    pipe = builders[family](dict(overrides))
+    pipe = _BUILDERS[get_family(family).tiny](dict(overrides))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # as `from_pretrained` leaves them: no dropout (T5 has 0.1 by default)
@@ -97,7 +95,7 @@ def _unet(config: dict, **family_defaults):
     return UNet2DConditionModel(**settings)
 
 
-def _tiny_sd15(config: dict):
+def _tiny_unet(config: dict):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
@@ -121,7 +119,7 @@ def _tiny_sd15(config: dict):
     )
 
 
-def _tiny_sdxl(config: dict):
+def _tiny_unet_xl(config: dict):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -155,7 +153,7 @@ def _tiny_sdxl(config: dict):
     )
 
 
-def _tiny_sd3(config: dict):
+def _tiny_mmdit(config: dict):
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -226,3 +224,7 @@ def _tiny_sd3(config: dict):
         text_encoder_3=t5,
         tokenizer_3=t5_tok,
     )
+
+
+_BUILDERS = {"unet": _tiny_unet, "unet_xl": _tiny_unet_xl, "mmdit": _tiny_mmdit}  # keyed by `Family.tiny`
+FAMILIES = tuple(name for name, entry in FAMILY_TABLE.items() if entry.tiny in _BUILDERS)
