@@ -122,13 +122,18 @@ def family_for_tokens(shape: tuple[int, ...], family: str | None = None, source:
 
 
 def soft_token_preset(family: str, objective: str) -> dict:
-    """[`SoftTokensConfig`] settings of the official training scripts for `objective` on `family`."""
+    """[`SoftTokensConfig`] settings of the official training scripts for `objective` on `family`.
+
+    `"diffusion"` (the plain fine-tuning baseline) takes AGSM's layout with one bank, so that it trains the same
+    tokens as the objective it is the baseline of.
+    """
     entry = get_family(family)
-    if objective not in ("agsm", "softrepa"):
-        raise ValueError(f"objective must be 'agsm' or 'softrepa', got {objective!r}.")
+    if objective not in ("agsm", "softrepa", "diffusion"):
+        raise ValueError(f"objective must be 'agsm', 'softrepa' or 'diffusion', got {objective!r}.")
     settings = {"architecture": entry.architecture, "dim": entry.context_dim, "family": family}
     settings["n_banks"] = 2 if objective == "agsm" else 1
-    settings.update({k: list(v) if isinstance(v, list) else v for k, v in entry.soft_tokens.get(objective, {}).items()})
+    layout = entry.soft_tokens.get("agsm" if objective == "diffusion" else objective, {})
+    settings.update({k: list(v) if isinstance(v, list) else v for k, v in layout.items()})
     return settings
 
 

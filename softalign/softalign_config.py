@@ -16,7 +16,7 @@ from .version import __version__
 # Paper defaults per family (METHOD.md sections 3-4; AGSM scripts/train_coco.sh; SoftREPA run_train.sh).
 FAMILY_DEFAULTS = {family: training_defaults(family) for family in FAMILIES}
 CHOICES = {
-    "objective": ("agsm", "softrepa"),
+    "objective": ("agsm", "softrepa", "diffusion"),
     "preference": ("plackett_luce", "bradley_terry"),
     "mixed_precision": ("no", "fp16", "bf16"),
     "lr_scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
@@ -39,7 +39,13 @@ class SoftAlignConfig:
     output_dir: str = field(
         default="runs/softalign", metadata={"help": "Run directory: config, logs, checkpoints, adapter."}
     )
-    objective: str = field(default="agsm", metadata={"help": "agsm (the headline) or softrepa (the baseline)."})
+    objective: str = field(
+        default="agsm",
+        metadata={
+            "help": "agsm (the headline), softrepa (the contrastive baseline) or diffusion (plain fine-tuning: the "
+            "diffusion loss on matched pairs only, one t and noise per image; negatives are not used)."
+        },
+    )
     negatives_per_positive: int = field(default=3, metadata={"help": "Negative captions per image (AGSM: 3)."})
     keep_groups: bool = field(
         default=False,

@@ -158,7 +158,7 @@ class SoftAlignTrainer:
         trained parameter count and the number of usable examples."""
         a = self.args
         images = a.train_batch_size * a.gradient_accumulation_steps * self.world_size
-        pairs = images * (a.negatives_per_positive + 1)
+        pairs = images * self.group_size
         return {
             "images_per_step": images,
             "pairs_per_step": pairs,
@@ -190,8 +190,15 @@ class SoftAlignTrainer:
             )
         return self.data
 
+    @property
+    def group_size(self) -> int:
+        """Captions each image is scored against: itself and its negatives (1 for the plain diffusion loss)."""
+        return 1 if self.args.objective == "diffusion" else self.args.negatives_per_positive + 1
+
     def _check_captions(self) -> None:
         """Warn, with counts, when images share a caption (see [`shared_caption_warning`])."""
+        if self.args.objective == "diffusion":
+            return  # no negatives: a shared caption is just data
         message = shared_caption_warning(
             self.data.caption_rows.tolist(), self.args.negatives_per_positive + 1, self.args.keep_groups
         )
@@ -249,13 +256,17 @@ class SoftAlignTrainer:
         a, backbone, device = self.args, self.backbone, self.backbone.device
         generator = self._generator(step, micro)
         latents, conditioning = self.data.batch(self._batch_indices(step, micro), generator)
-        t = torch.randint(a.min_timestep, a.max_timestep, (1,), generator=generator)
-        noise = torch.randn((1, *latents.shape[1:]), generator=generator).expand_as(latents)
+        if a.objective == "diffusion":  # plain fine-tuning: its own t and noise per image, as diffusers' scripts do
+            t = torch.randint(a.min_timestep, a.max_timestep, (latents.shape[0],), generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
+        else:  # one t and one noise tensor for every pair, so the pairs' errors compare like with like
+            t = torch.randint(a.min_timestep, a.max_timestep, (1,), generator=generator).expand(latents.shape[0])
+            noise = torch.randn((1, *latents.shape[1:]), generator=generator).expand_as(latents)
         latents, noise, t = latents.to(device), noise.to(device), t.to(device)
         noisy = backbone.add_noise(latents, noise, t)
         target = backbone.training_target(latents, noise, t)
         conditioning = {k: v.to(device) for k, v in conditioning.items()}
-        n_images, group = latents.shape[0], a.negatives_per_positive + 1
+        n_images, group = latents.shape[0], self.group_size
         for start in range(0, n_images, a.chunk_size):
             images = torch.arange(start, min(start + a.chunk_size, n_images), device=device)
             loss, diagnostics = self._chunk_loss(images, group, noisy, target, t, conditioning, n_images)
@@ -275,9 +286,12 @@ class SoftAlignTrainer:
             rows = image_rows[index]
             cond = {k: v[caption_rows[index]] for k, v in conditioning.items()}
             with self.accelerator.autocast():
-                return self.backbone.predict(noisy[rows], t.expand(len(index)), cond).float()
+                return self.backbone.predict(noisy[rows], t[rows], cond).float()
 
         prediction = self.trained.route(predict, banks).reshape(shape)
+        if a.objective == "diffusion":
+            errors = (prediction[:, 0] - target[images]).pow(2).flatten(1).mean(1)  # each image's MSE
+            return errors.sum() / n_images, {}
         if a.objective == "softrepa":
             errors = objectives.pair_errors(prediction, target[images][:, None])
             rows = objectives.softrepa_rows(errors, labels, a.softrepa_tau, a.softrepa_scale, a.dweight)
