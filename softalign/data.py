@@ -239,28 +239,37 @@ def shared_caption_warning(caption_rows: list[int], group: int, keep_groups: boo
 
 def distinct_caption_order(order: torch.Tensor, caption_rows: torch.Tensor, group: int) -> torch.Tensor:
     """`order` (a permutation of the examples) rearranged so that each consecutive group of `group` examples has
-    distinct captions wherever the remaining examples allow it; unchanged when every caption is distinct.
+    distinct captions wherever the data allow it; unchanged when every caption is distinct.
 
-    Greedy and stable: each group takes the next examples in `order` whose captions it does not hold yet; the examples
-    it skips keep their order for the next groups; a group that cannot be completed with distinct captions is filled
-    with the next examples as they come.
+    Each group takes one example of each of the `group` captions with the most examples left (ties: the caption whose
+    next example comes first in `order`), each caption's examples in their order; so with distinct captions the groups
+    are `order` cut as it comes, and repeated captions are spread before they can pile up at the end. A group that
+    cannot be completed with distinct captions (too few left) is filled with the next examples as they come.
     """
+    import heapq
+    from collections import deque
+
     caption_of = caption_rows.tolist()
     if len(set(caption_of)) == len(caption_of):
         return order
-    pending, arranged = order.tolist(), []
-    while pending:
-        chosen, used, skipped, position = [], set(), [], 0
-        while len(chosen) < group and position < len(pending):
-            index = pending[position]
-            position += 1
-            if caption_of[index] in used:
-                skipped.append(index)
-            else:
-                chosen.append(index)
-                used.add(caption_of[index])
-        rest = skipped + pending[position:]
-        filler = group - len(chosen)
-        arranged += chosen + rest[:filler]
-        pending = rest[filler:]
+    ranked = order.tolist()
+    position = {index: rank for rank, index in enumerate(ranked)}
+    queues: dict[int, deque] = {}
+    for index in ranked:
+        queues.setdefault(caption_of[index], deque()).append(index)
+    heap = [(-len(q), position[q[0]], caption) for caption, q in queues.items()]
+    heapq.heapify(heap)
+    arranged = []
+    while heap:
+        captions = [heapq.heappop(heap)[2] for _ in range(min(group, len(heap)))]  # distinct: one entry each
+        members = [queues[caption].popleft() for caption in captions]
+        if len(members) < group:  # fewer distinct captions left than a group holds
+            rest = sorted((i for c in captions for i in queues[c]), key=position.__getitem__)[: group - len(members)]
+            for index in rest:
+                queues[caption_of[index]].remove(index)
+            members += rest
+        arranged += sorted(members, key=position.__getitem__)
+        for caption in captions:
+            if queues[caption]:
+                heapq.heappush(heap, (-len(queues[caption]), position[queues[caption][0]], caption))
     return torch.tensor(arranged, dtype=order.dtype)
