@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ema-decay", type=float, default=0.999, help="AGSM's EMA tokens (see the docstring).")
     parser.add_argument("--train-lora", action="store_true", help="Train a rank-4 LoRA instead of soft tokens.")
     parser.add_argument("--images", type=int, default=4096, help="Renders in the curated set.")
+    parser.add_argument("--resolution", type=int, default=64, help="Training resolution (the shapes models' side).")
     parser.add_argument("--tags", default="counting,colors,two_object")
     parser.add_argument("--images-per-tag", type=int, default=150)
     parser.add_argument("--guidance-scale", type=float, default=1.5)
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
                 output_dir=str(out / "train"),
                 objective=args.objective,
                 max_steps=args.max_steps,
+                resolution=args.resolution,
                 train_batch_size=args.train_batch_size,
                 negatives_per_positive=args.negatives,
                 learning_rate=args.learning_rate,

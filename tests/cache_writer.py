@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from shapes_data import shapes_pairs  # noqa: E402
 
 import softalign.cache  # noqa: E402
-from softalign.config import SoftAlignConfig  # noqa: E402
+from softalign.softalign_config import SoftAlignConfig  # noqa: E402
+from softalign.softalign_trainer import SoftAlignTrainer  # noqa: E402
 from softalign.testing import tiny_pipeline  # noqa: E402
-from softalign.trainer import SoftAlignTrainer  # noqa: E402
 
 
 def encode(cache_dir: str, seed: int, barrier=None):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from softalign.checkpoints import list_checkpoints, verify
+from softalign.training import list_checkpoints, verify
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "two_process_lost_rank.py"

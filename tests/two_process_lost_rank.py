@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 from shapes_data import shapes_pairs
 
-from softalign.config import SoftAlignConfig
+from softalign.softalign_config import SoftAlignConfig
+from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
-from softalign.trainer import SoftAlignTrainer
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -45,4 +45,4 @@ callbacks = [LoseRankOne()] if args.kill_rank1_at else []
 trainer = SoftAlignTrainer(tiny_pipeline("sd15"), config, shapes_pairs(), callbacks=callbacks)
 trainer.train()
 assert trainer.accelerator.num_processes == 2, trainer.accelerator.num_processes
-save_file(trainer.trainable.state_dict(), f"{args.out}/final-rank{trainer.accelerator.process_index}.safetensors")
+save_file(trainer.trained.state_dict(), f"{args.out}/final-rank{trainer.accelerator.process_index}.safetensors")
