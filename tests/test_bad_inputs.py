@@ -471,7 +471,7 @@ CASES = [
     Case("config-negative-learning-rate", _from_dict({"learning_rate": -1e-3}), ValueError,
          r"SoftAlignConfig\.learning_rate must be positive, got -0\.001"),
     Case("config-unknown-objective", _from_dict({"objective": "dpo"}), ValueError,
-         r"SoftAlignConfig\.objective must be one of \('agsm', 'softrepa'\), got 'dpo'"),
+         r"SoftAlignConfig\.objective must be one of \('agsm', 'softrepa', 'diffusion'\), got 'dpo'"),
     Case("config-empty-timestep-range", _from_dict({"min_timestep": 500, "max_timestep": 500}), ValueError,
          r"Need 0 <= min_timestep < max_timestep <= 1000, got 500 and 500"),
     Case("config-not-a-mapping", _from_yaml("- max_steps: 5\n"), ValueError,
