@@ -51,9 +51,15 @@ def parse_args(argv=None):
         help="Share of the stage-1 shapes groups that are hard negatives: one class at four counts.",
     )
     parser.add_argument("--stage2-epochs", type=int, default=8)
-    parser.add_argument("--eval-images-per-prompt", type=int, default=4)
     parser.add_argument(
-        "--eval-images-per-tag", type=int, help="At least this many images per tag (overrides the per-prompt count)."
+        "--eval-images-per-prompt", type=int, help="Images for every held-out prompt (instead of a per-tag budget)."
+    )
+    parser.add_argument(
+        "--eval-images-per-tag",
+        type=int,
+        default=48,
+        help="At least this many images per tag (a fixed subset of color_attr's 270 prompts); the default keeps each "
+        "of the three evaluations near 300 images on the v2 world's 339 held-out prompts.",
     )
     parser.add_argument("--stage2-tags", help="Comma-separated shapes tags DDPO samples prompts from (default: all).")
     parser.add_argument("--stage2-lr", type=float, default=3e-3, help="DDPO learning rate.")
@@ -94,10 +100,10 @@ def evaluate(pipe, args, name: str, detector) -> dict:
     from softalign.eval.run import run_evaluation
     from softalign.shapes.prompts import evaluation_metadata
 
-    if args.eval_images_per_tag:
-        plan = evaluation_metadata("heldout", min_images_per_tag=args.eval_images_per_tag)
-    else:
+    if args.eval_images_per_prompt:
         plan = [(line, args.eval_images_per_prompt) for line, _ in evaluation_metadata("heldout")]
+    else:
+        plan = evaluation_metadata("heldout", min_images_per_tag=args.eval_images_per_tag)
     out = Path(args.out) / f"eval-{name}"
     print(f"\n== evaluating {name}: {sum(n for _, n in plan)} images on the held-out split", flush=True)
     return run_evaluation(
@@ -254,10 +260,10 @@ def main(argv=None) -> int:
     plot_curves(curves, out / "curves.png")
     table = compare(summaries)
     minutes = (time.time() - started) / 60
-    if args.eval_images_per_tag:
-        images_per = f"at least {args.eval_images_per_tag} images per tag"
-    else:
+    if args.eval_images_per_prompt:
         images_per = f"{args.eval_images_per_prompt} images per prompt"
+    else:
+        images_per = f"at least {args.eval_images_per_tag} images per tag"
     report = [
         f"# softalign flagship: {args.objective} then {args.stage2}",
         "",

@@ -102,7 +102,9 @@ def split_prompts(split: str) -> list[dict]:
 def evaluation_metadata(split: str = "heldout", min_images_per_tag: int = 300) -> list[tuple[dict, int]]:
     """(metadata line, images to draw) so that every tag of `split` gets at least `min_images_per_tag` images.
 
-    GenEval draws 4 images per prompt; the shapes world has few prompts per tag, so it draws more seeds per prompt.
+    GenEval draws 4 images per prompt; the shapes world has few prompts per most tags, so it draws more seeds per
+    prompt. A tag with more prompts than `min_images_per_tag` (color_attr has 270) gets one image for each of a fixed
+    subset of that many prompts (the first by MD5 rank), so small budgets stay small.
     """
     lines = split_prompts(split)
     if split == "train":
@@ -110,6 +112,8 @@ def evaluation_metadata(split: str = "heldout", min_images_per_tag: int = 300) -
     plan = []
     for tag in TAGS:
         members = [line for line in lines if line["tag"] == tag]
+        if len(members) > min_images_per_tag:  # more prompts than images (color_attr): a fixed, spread subset
+            members = sorted(members, key=lambda line: _rank(line["prompt"]))[:min_images_per_tag]
         per_prompt = max(1, math.ceil(min_images_per_tag / len(members)))
         plan += [(line, per_prompt) for line in members]
     return plan
