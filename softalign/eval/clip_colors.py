@@ -81,4 +81,5 @@ class CLIPColorClassifier:
         return [self.colors[i] for i in self.logits(image, detections).argmax(dim=1).tolist()]
 
     def __call__(self, image: Image.Image, detection: Detection) -> str:
+        """The colour of one detected object (see [`classify`] for many at once)."""
         return self.classify(image, [detection])[0]

@@ -105,7 +105,8 @@ class Detector(Protocol):
     Return every candidate with its calibrated score; thresholds, sorting and the per-class cap are the rules' job.
     """
 
-    def __call__(self, image: Image.Image) -> list[Detection]: ...
+    def __call__(self, image: Image.Image) -> list[Detection]:
+        """Every object found in `image`, with GenEval's fields."""
 
 
 @runtime_checkable
@@ -115,7 +116,8 @@ class ColorClassifier(Protocol):
     It is only asked about detections whose `color` is `None`. [`masked_crop`] prepares GenEval's input.
     """
 
-    def __call__(self, image: Image.Image, detection: Detection) -> str: ...
+    def __call__(self, image: Image.Image, detection: Detection) -> str:
+        """The colour name of `detection` in `image`."""
 
 
 def masked_crop(image: Image.Image, detection: Detection, background: str = "#999") -> Image.Image:

@@ -24,6 +24,7 @@ def local_dir(path: str | os.PathLike, what: str, expected: str, weights: bool =
 
 
 def read_config(folder: Path) -> dict:
+    """The `config.json` of a local model directory, with an error that names the file."""
     path = folder / "config.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -32,6 +33,7 @@ def read_config(folder: Path) -> dict:
 
 
 def require_model_type(folder: Path, config: dict, model_types: tuple[str, ...], what: str) -> None:
+    """Refuse a checkpoint whose `model_type` is not one of `model_types`, naming the directory."""
     model_type = config.get("model_type")
     if model_type not in model_types:
         raise ValueError(
@@ -40,6 +42,7 @@ def require_model_type(folder: Path, config: dict, model_types: tuple[str, ...],
 
 
 def require_tokenizer(folder: Path, what: str) -> None:
+    """Refuse a directory without the CLIP tokenizer files, listing the files expected."""
     if not any(all((folder / name).is_file() for name in group) for group in CLIP_TOKENIZER):
         raise FileNotFoundError(
             f"{what}: {folder} has no tokenizer; expected tokenizer.json, or vocab.json and merges.txt "

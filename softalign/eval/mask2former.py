@@ -148,6 +148,7 @@ class Mask2FormerDetector:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights live."""
         return next(self.model.parameters()).device
 
     def _inputs(self, images: list[np.ndarray]) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -212,4 +213,5 @@ class Mask2FormerDetector:
         ]
 
     def __call__(self, image: Image.Image) -> list[Detection]:
+        """The detections of one image (see [`detect`] for a batch)."""
         return self.detect([image])[0]

@@ -16,6 +16,7 @@ METRICS = ("clip", "pickscore", "hps", "aesthetic", "imagereward")
 
 
 def add_real_eval_args(parser: argparse.ArgumentParser) -> None:
+    """Add the real-model flags (`--detector`, `--clip`, `--images`, `--metric`, ...) to `softalign eval`."""
     group = parser.add_argument_group("real models (GenEval's COCO metadata, local detector and CLIP weights)")
     group.add_argument(
         "--detector",
@@ -51,6 +52,7 @@ def add_real_eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def wants_real_eval(args: argparse.Namespace) -> bool:
+    """Whether the flags ask for a real-model evaluation rather than the shapes world."""
     return bool(args.detector or args.images or args.metric or args.captions)
 
 

@@ -77,6 +77,7 @@ class ShapesNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits over `CLASSES` of ink crops `(B, 1, S, S)`."""
         return self.head(self.features(x))
 
 
@@ -92,6 +93,7 @@ class Component:
 
     @property
     def label(self) -> str:
+        """The most probable class of the classified component."""
         return CLASSES[int(np.argmax(self.probs))]
 
 
@@ -363,4 +365,5 @@ class ShapesDetector:
         ]
 
     def __call__(self, image) -> list[Detection]:
+        """The detections of one image (see [`detect_batch`])."""
         return self.detect_batch([image])[0]

@@ -35,4 +35,5 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 
 
 def article(word: str) -> str:
+    """ "a" or "an" before `word`."""
     return "an" if word[0] in "aeiou" else "a"
