@@ -437,10 +437,9 @@ class SoftAlignTrainer:
     # -- outputs --------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | os.PathLike | None = None) -> Path:
         """Write the trained adapter(s) and the run config: `adapter/` (soft tokens, psi+ and psi-), `lora/<name>/`."""
-        target = save_trained(self.accelerator, self.trained, output_dir, self.output_dir)
-        if self.accelerator.is_main_process:
-            save_run_config(self.args, target.parent / RUN_CONFIG_NAME)
-        return target
+        return save_trained(
+            self.accelerator, self.trained, output_dir, self.output_dir, config=self.args, config_name=RUN_CONFIG_NAME
+        )
 
     @torch.no_grad()
     def save_samples(self, step: int) -> Path | None:

@@ -126,13 +126,24 @@ def save_run_config(config, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_trained(accelerator, trainable, output_dir: str | os.PathLike | None, run_dir: Path, **metadata) -> Path:
+def save_trained(
+    accelerator,
+    trainable,
+    output_dir: str | os.PathLike | None,
+    run_dir: Path,
+    config=None,
+    config_name: str = "config.json",
+    **metadata,
+) -> Path:
     """`save_model()` of every trainer: the trained soft tokens to `output_dir` (default `<run_dir>/adapter`) in the
-    adapter format, each trained LoRA to `<its parent>/lora/<name>/`; only the main process writes."""
+    adapter format, each trained LoRA to `<its parent>/lora/<name>/`, and the run `config` (when given) beside them as
+    `config_name`; only the main process writes."""
     target = Path(output_dir) if output_dir is not None else Path(run_dir) / "adapter"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         trainable.save(target, **metadata)
+        if config is not None:
+            save_run_config(config, target.parent / config_name)
     return target
 
 

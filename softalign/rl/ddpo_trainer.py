@@ -154,10 +154,9 @@ class DDPOTrainer:
         """Write the trained parameters: soft tokens to `output_dir` (default `<output_dir>/adapter`) in the adapter
         format, the LoRA (when trained) to `<its parent>/lora/softalign/`; load them with `load_soft_tokens` and
         `load_lora`. The run config is saved beside them."""
-        target = save_trained(self.accelerator, self.trained, output_dir, self.output_dir)
-        if self.accelerator.is_main_process:
-            save_run_config(self.config, target.parent / RUN_CONFIG_NAME)
-        return target
+        return save_trained(
+            self.accelerator, self.trained, output_dir, self.output_dir, config=self.config, config_name=RUN_CONFIG_NAME
+        )
 
     # -- randomness ---------------------------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:

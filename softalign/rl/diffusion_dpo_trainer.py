@@ -128,10 +128,9 @@ class DiffusionDPOTrainer:
         """Write the trained parameters: soft tokens to `output_dir` (default `<output_dir>/adapter`) in the adapter
         format, the LoRA (when trained) to `<its parent>/lora/softalign/`; load them with `load_soft_tokens` and
         `load_lora`. The run config is saved beside them."""
-        target = save_trained(self.accelerator, self.trained, output_dir, self.output_dir)
-        if self.accelerator.is_main_process:
-            save_run_config(self.args, target.parent / RUN_CONFIG_NAME)
-        return target
+        return save_trained(
+            self.accelerator, self.trained, output_dir, self.output_dir, config=self.args, config_name=RUN_CONFIG_NAME
+        )
 
     def prepare_data(self) -> dict:
         """Encode every image (posterior mean and std) and caption once."""
