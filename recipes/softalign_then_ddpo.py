@@ -118,6 +118,33 @@ def evaluate(pipe, args, name: str, detector) -> dict:
     )
 
 
+def paired_tests_between(out: Path, first: str, second: str) -> dict:
+    """McNemar's exact test per tag between two of this run's evaluations (same prompts and seeds by construction)."""
+    from softalign.eval.paired import paired_tests
+    from softalign.eval.summary import read_results_jsonl
+
+    rows = [read_results_jsonl(out / f"eval-{name}" / "results.jsonl") for name in (first, second)]
+    return paired_tests(*rows)
+
+
+def paired_against_base(out: Path, summaries: dict) -> dict:
+    """Every later stage against the base, for the report's p column."""
+    names = list(summaries)
+    return {name: paired_tests_between(out, names[0], name) for name in names[1:]}
+
+
+def neighbour_lines(out: Path, summaries: dict) -> list[str]:
+    """Stage 2 against stage 1 (what the RL stage adds on top of the tokens), one line per tag."""
+    if not {"stage1", "stage2"} <= summaries.keys():
+        return []
+    tests = paired_tests_between(out, "stage1", "stage2")
+    cells = [
+        f"{tag} {100 * test['delta']:+.1f} pts, p = {test['p']:.3g} ({test['only_a']}/{test['only_b']})"
+        for tag, test in tests.items()
+    ]
+    return ["Stage 2 against stage 1 (McNemar, right only in stage 1 / only in stage 2): " + "; ".join(cells), ""]
+
+
 def configured(config_class, overrides: dict, section: str, **defaults):
     """`config_class(**defaults)` with the `--config` file's `section` mapping on top (the file wins over the
     recipe's small-budget defaults; its top-level options were already merged with the command line)."""
@@ -258,7 +285,8 @@ def main(argv=None) -> int:
     if not accelerator.is_main_process:
         return 0
     plot_curves(curves, out / "curves.png")
-    table = compare(summaries)
+    paired = paired_against_base(out, summaries)
+    table = compare(summaries, paired)
     minutes = (time.time() - started) / 60
     if args.eval_images_per_prompt:
         images_per = f"{args.eval_images_per_prompt} images per prompt"
@@ -273,11 +301,16 @@ def main(argv=None) -> int:
         "",
         table,
         "",
+        *neighbour_lines(out, summaries),
         "Grids: " + ", ".join(f"`eval-{name}/grid.png`" for name in summaries) + "; curves: `curves.png`.",
     ]
     (out / "report.md").write_text("\n".join(report) + "\n")
     (out / "report.json").write_text(
-        json.dumps({"args": vars(args), "summaries": summaries, "curves": curves, "minutes": minutes}, indent=2) + "\n"
+        json.dumps(
+            {"args": vars(args), "summaries": summaries, "paired": paired, "curves": curves, "minutes": minutes},
+            indent=2,
+        )
+        + "\n"
     )
     for name in summaries:
         grid = out / f"eval-{name}" / "grid.png"

@@ -44,7 +44,14 @@ def test_flagship_recipe_runs_all_stages_and_writes_the_report(tmp_path):
     assert (run / "adapter-stage2" / "adapter_model.safetensors").is_file()
     report = json.loads((run / "report.json").read_text())
     assert set(report["summaries"]) == {"base", "stage1", "stage2"}
-    assert "counting" in (run / "report.md").read_text()
+    text = (run / "report.md").read_text()
+    assert "counting" in text and "p (McNemar)" in text and "Stage 2 against stage 1" in text
+    # the paired counts are the same images as the summaries: the change in correct images is only_b - only_a
+    base = report["summaries"]["base"]["images"]
+    for stage in ("stage1", "stage2"):
+        test, images = report["paired"][stage]["all"], report["summaries"][stage]["images"]
+        assert test["n"] == base["n"] == images["n"]
+        assert test["only_b"] - test["only_a"] == images["k"] - base["k"]
 
 
 def test_recipe_presets_parse_into_valid_configs():
