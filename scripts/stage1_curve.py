@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999, help="AGSM's EMA tokens (see the docstring).")
     parser.add_argument("--train-lora", action="store_true", help="Train a rank-4 LoRA instead of soft tokens.")
+    parser.add_argument(
+        "--count-groups",
+        type=float,
+        default=0.0,
+        help="Share of groups that are one class at different counts (hard counting negatives); 0: tag-uniform.",
+    )
     parser.add_argument("--images", type=int, default=4096, help="Renders in the curated set.")
     parser.add_argument("--resolution", type=int, default=64, help="Training resolution (the shapes models' side).")
     parser.add_argument("--tags", default="counting,colors,two_object")
@@ -132,7 +138,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = shapes_pairs(args.images, args.seed, group=args.negatives + 1)
+    data = shapes_pairs(args.images, args.seed, args.count_groups, group=args.negatives + 1)
     points = []
     for target in range(args.eval_every, args.max_steps + 1, args.eval_every):
         saved = out / "adapters" / f"step-{target:06d}"  # adapter/ (tokens) and lora/<name>/
@@ -153,6 +159,7 @@ def main(argv=None) -> int:
                 resume_from_checkpoint="latest",
                 seed=args.seed,
                 cache_dir=str(out / "cache"),
+                keep_groups=args.count_groups > 0,  # a count group's negatives are its own other counts
             )
             peft = lora_config() if args.train_lora else None
             trainer = SoftAlignTrainer(pipe, config, data, peft_config=peft, callbacks=[StopAt(target)])

@@ -1,0 +1,54 @@
+"""scripts/stage1_curve.py: one schedule stopped at each evaluation point, resumable, keyed evaluations."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _run(model: Path, out: Path, eval_every: int, *extra: str) -> None:
+    import stage1_curve
+
+    argv = ["--model", str(model), "--out", str(out), "--max-steps", "2", "--eval-every", str(eval_every)]
+    argv += ["--train-batch-size", "4", "--images", "16", "--resolution", "32", "--tags", "counting"]
+    argv += ["--images-per-tag", "1", "--steps", "2", "--threads", "1", *extra]
+    assert stage1_curve.main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from softalign.testing import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("curve") / "model"
+    tiny_pipeline("sd15").save_pretrained(path)
+    return path
+
+
+def test_a_curve_stopped_at_each_point_ends_where_one_uninterrupted_run_ends(model, tmp_path):
+    _run(model, tmp_path / "stopped", 1, "--count-groups", "0.5")
+    _run(model, tmp_path / "whole", 2, "--count-groups", "0.5")
+    curve = json.loads((tmp_path / "stopped" / "curve.json").read_text())
+    assert [point["step"] for point in curve["points"]] == [1, 2]
+    assert all("counting" in point and "over_count_rate" in point for point in curve["points"])
+    tokens = Path("adapters", "step-000002", "adapter", "adapter_model.safetensors")
+    assert (tmp_path / "stopped" / tokens).read_bytes() == (tmp_path / "whole" / tokens).read_bytes()
+
+    # re-running the finished command trains and scores nothing again: every file is left as it was
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "stopped").rglob("*") if p.is_file()}
+    _run(model, tmp_path / "stopped", 1, "--count-groups", "0.5")
+    changed = [p for p, t in written.items() if p.stat().st_mtime_ns != t and p.name not in ("curve.json", "curve.png")]
+    assert changed == []
+
+
+def test_an_evaluation_written_for_another_adapter_is_refused(model, tmp_path):
+    _run(model, tmp_path / "run", 2)
+    run_json = tmp_path / "run" / "eval" / "step-000002" / "run.json"
+    run = json.loads(run_json.read_text())
+    run["key"]["adapter"] = "0" * 16
+    run_json.write_text(json.dumps(run))
+    with pytest.raises(Exception, match="adapter|key|refus"):
+        _run(model, tmp_path / "run", 2)
