@@ -262,6 +262,7 @@ class SoftAlignTrainer:
         else:  # one t and one noise tensor for every pair, so the pairs' errors compare like with like
             t = torch.randint(a.min_timestep, a.max_timestep, (1,), generator=generator).expand(latents.shape[0])
             noise = torch.randn((1, *latents.shape[1:]), generator=generator).expand_as(latents)
+        t = backbone.training_timesteps(t, latents)  # the family's schedule (FLUX.1 shifts the levels; others: t)
         latents, noise, t = latents.to(device), noise.to(device), t.to(device)
         noisy = backbone.add_noise(latents, noise, t)
         target = backbone.training_target(latents, noise, t)

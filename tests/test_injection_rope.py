@@ -24,7 +24,9 @@ def strong_tokens(pipe, **overrides):
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("position", ["append", "prepend"])
 @pytest.mark.parametrize("blocks, n_layers", [("dual", 1), ("dual", 3), ("single", 2), ("all", 7)])
-def test_each_block_sees_the_stream_with_its_own_tokens_in_the_reserved_slots(blocks, n_layers, position, checkpointing):
+def test_each_block_sees_the_stream_with_its_own_tokens_in_the_reserved_slots(
+    blocks, n_layers, position, checkpointing
+):
     pipe = tiny_pipeline("flux")  # 6 double-stream and 2 single-stream blocks
     transformer = pipe.transformer
     transformer.requires_grad_(False)

@@ -47,7 +47,9 @@ def test_tiny_families_are_detected_with_their_traits():
     assert family_of(sd35) == "sd35" and sd35.config.qk_norm == "rms_norm" and sd35.config.dual_attention_layers
     assert family_of(tiny_pipeline("sd3")) == "sd3"
     flux = tiny_pipeline("flux")
-    assert family_of(flux) == "flux" and type(flux).__name__ == "FluxPipeline" and flux.transformer.config.guidance_embeds
+    assert (
+        family_of(flux) == "flux" and type(flux).__name__ == "FluxPipeline" and flux.transformer.config.guidance_embeds
+    )
     assert flux.scheduler.config.use_dynamic_shifting
 
 

@@ -171,8 +171,11 @@ class DiffusionDPOTrainer:
             latents.append(mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator))
         n = len(rows)
         t = torch.randint(a.min_timestep, a.max_timestep, (n,), generator=generator).repeat(2)  # shared per pair
-        noise = torch.randn(latents[0].shape, generator=generator).repeat(2, 1, 1, 1)  # shared per pair
-        x0 = torch.cat(latents).to(device)
+        noise = torch.randn(latents[0].shape, generator=generator)
+        noise = noise.repeat(2, *([1] * (noise.dim() - 1)))  # shared per pair; (B, C, H, W) or packed (B, L, C)
+        x0 = torch.cat(latents)
+        t = backbone.training_timesteps(t, x0)  # the family's schedule (FLUX.1 shifts the levels; others: t)
+        x0 = x0.to(device)
         t, noise = t.to(device), noise.to(device)
         noisy = backbone.add_noise(x0, noise, t)
         target = backbone.training_target(x0, noise, t)
