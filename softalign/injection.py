@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .families import INJECTION_ATTRIBUTE, architecture_of, context_dim_of, denoiser_of
 from .soft_tokens import SoftTokens
@@ -231,31 +232,48 @@ class SoftTokenInjection:
     def _block_hook(self, block: nn.Module, layer: int | None):
         context_index = _argument_index(block, "encoder_hidden_states")
         config = self.soft_tokens.config
+        # MMDiT blocks are checkpointed whole (`checkpoint(block, hidden, context, ...)`), so under gradient
+        # checkpointing this hook runs again in the backward pass, when the banks, timesteps and tokens in use may have
+        # changed (the next chunk's, or none). The state of the first call is kept, keyed by the context tensor the
+        # block received (non-reentrant checkpointing, diffusers' default, passes the same tensor again); each forward
+        # hands the block a new one. UNet blocks are not checkpointed whole: only their inner modules are.
+        snapshots = WeakTensorKeyDictionary() if config.architecture != "unet" else None
 
         def inject(module, args, kwargs):
-            if not self.enabled:
-                return None
             context = _get_argument(args, kwargs, "encoder_hidden_states", context_index)
             if context is None:
                 return None
+            state = snapshots.get(context) if snapshots is not None else None
+            if state is None:
+                state = self._call_state(context.shape[0])
+                if snapshots is not None and torch.is_grad_enabled():
+                    snapshots[context] = state
+            enabled, soft_tokens, banks, timesteps, length = state
+            if not enabled:
+                return None
             if config.architecture == "unet":
-                tokens = self.soft_tokens(*self._rows(context.shape[0])).to(context.device, context.dtype)
+                tokens = soft_tokens(banks, timesteps).to(context.device, context.dtype)
                 context = torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
             elif config.architecture == "mmdit_rope":  # overwrite the reserved slots with this layer's tokens
-                tokens = self.soft_tokens(*self._rows(context.shape[0]))[:, layer].to(context.device, context.dtype)
+                tokens = soft_tokens(banks, timesteps)[:, layer].to(context.device, context.dtype)
                 n = config.n_tokens
                 pieces = [context[:, :-n], tokens] if config.position == "append" else [tokens, context[:, n:]]
                 context = torch.cat(pieces, dim=1)
             else:
-                length = self._text_len
                 context = context[:, :length] if config.position == "append" else context[:, -length:]
                 if layer < config.n_layers:
-                    tokens = self.soft_tokens(*self._rows(context.shape[0]))[:, layer].to(context.device, context.dtype)
+                    tokens = soft_tokens(banks, timesteps)[:, layer].to(context.device, context.dtype)
                     pieces = [context, tokens] if config.position == "append" else [tokens, context]
                     context = torch.cat(pieces, dim=1)
             return _set_argument(args, kwargs, "encoder_hidden_states", context_index, context)
 
         return inject
+
+    def _call_state(self, batch: int) -> tuple:
+        """What a block call injects: `(enabled, soft_tokens, banks, timesteps, text_len)` as they are now."""
+        if not self.enabled:
+            return (False, None, None, None, None)
+        return (True, self.soft_tokens, *self._rows(batch), self._text_len)
 
 
 def check_compatible(config, pipe_or_denoiser) -> None:

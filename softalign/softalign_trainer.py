@@ -104,6 +104,8 @@ class SoftAlignTrainer:
         if soft_tokens is not None and agsm and soft_tokens.n_banks < 2:
             raise ValueError("AGSM needs soft tokens with two banks (psi+, psi-); these have one.")
         freeze(pipeline)
+        if self.args.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=agsm, ema=agsm)
         self.soft_tokens = soft_tokens
         self.peft_config = peft_config

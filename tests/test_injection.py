@@ -217,3 +217,23 @@ def test_wrong_family_and_wrong_width_name_both_shapes():
     deep = SoftTokens(SoftTokensConfig.for_family("sd3", dim=32, n_layers=7))
     with pytest.raises(ValueError, match="7 layers .* 6 blocks"):
         attach_soft_tokens(sd3, deep)
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+def test_checkpointed_blocks_recompute_with_the_banks_of_their_forward(family):
+    """MMDiT blocks are checkpointed whole, so the injection runs again in backward, after `use_banks` has exited:
+    it must inject what the forward injected (psi- rows stay psi-), not the banks in use at backward time."""
+    grads = []
+    for checkpointing in (False, True):
+        pipe = tiny_pipeline(family)
+        denoiser = denoiser_of(pipe).requires_grad_(False)
+        soft_tokens = tokens_for(pipe, family=family)
+        injection = attach_soft_tokens(pipe, soft_tokens)
+        if checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        with injection.use_banks(torch.tensor([0, 1])):
+            out = run_denoiser(pipe, denoiser_inputs(pipe))
+        out.square().mean().backward()  # outside use_banks, as the trainers' chunked backward is
+        grads.append(soft_tokens.tokens.grad.clone())
+    assert grads[0][1].abs().sum() > 0  # psi- has a gradient
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

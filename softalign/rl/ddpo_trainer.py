@@ -103,6 +103,8 @@ class DDPOTrainer:
         if soft_tokens is None and peft_config is None:
             raise ValueError("DDPOTrainer needs parameters to train: soft_tokens and/or peft_config.")
         freeze(pipeline)
+        if config.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.soft_tokens = soft_tokens
         self.alongside = as_alignment_term(alongside)

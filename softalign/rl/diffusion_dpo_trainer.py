@@ -97,6 +97,8 @@ class DiffusionDPOTrainer:
             raise ValueError("alongside_weight > 0 needs an `alongside` SoftAlignTrainer.")
         self.examples = preference_examples(train_dataset)  # validate before touching the pipeline
         freeze(pipeline)
+        if self.args.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.reference_tokens = copy.deepcopy(soft_tokens).requires_grad_(False) if soft_tokens is not None else None
         self.soft_tokens, self.alongside = soft_tokens, as_alignment_term(alongside)
