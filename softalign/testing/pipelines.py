@@ -62,7 +62,7 @@ def _clip_config(hidden: int, projection: int | None = None, layers: int = 2):
     )
 
 
-def _unet_vae(latent_channels: int = 4):
+def _unet_vae(latent_channels: int = 4, **settings):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -74,6 +74,7 @@ def _unet_vae(latent_channels: int = 4):
         latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=32,
+        **settings,
     )
 
 
@@ -176,21 +177,7 @@ def _tiny_t5(width: int, vocab: int):
 
 def _flow_vae(latent_channels: int, **constants):
     """The VAE layout of the flow families (no quant convs), with the family's shift and scaling constants."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **constants,
-    )
+    return _unet_vae(latent_channels, use_quant_conv=False, use_post_quant_conv=False, **constants)
 
 
 def _tiny_mmdit(config: dict):
