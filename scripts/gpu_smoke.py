@@ -4,7 +4,7 @@ The test suite runs on CPU (CI has no GPU), where a tensor left on the wrong dev
 runs the same stages on `cuda` (fp32 and bf16 autocast) and prints one line per case, so a device lent for a few
 minutes can check them all in one call:
 
-    python scripts/gpu_smoke.py [--families sd15 sdxl sd3] [--json out.json]
+    python scripts/gpu_smoke.py [--families sd15 sdxl sd3 sd35 flux] [--json out.json]   # default: every tiny family
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from softalign.shapes.render import render_scene
 from softalign.softalign_config import SoftAlignConfig
 from softalign.softalign_trainer import SoftAlignTrainer
 from softalign.testing import tiny_pipeline
+from softalign.testing.pipelines import FAMILIES as TINY_FAMILIES
 
 RESOLUTION = 32
 
@@ -141,7 +142,7 @@ def device_name(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["sd15", "sdxl", "sd3"])
+    parser.add_argument("--families", nargs="+", default=list(TINY_FAMILIES))  # SD1.5, SDXL, SD3, SD3.5, FLUX.1
     parser.add_argument("--device", default="cuda", help="cpu runs the same cases as a dry run of this script.")
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -9,6 +9,8 @@ regression target and calls the denoiser. Adding a family (FLUX, ...) is one ent
 
 from __future__ import annotations
 
+import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,7 +30,8 @@ class Family:
 
     Args:
         name (`str`): the family id, e.g. `"sd15"`.
-        architecture (`str`): the injection layout, `"unet"` (cross-attention blocks) or `"mmdit"` (joint blocks).
+        architecture (`str`): the injection layout, `"unet"` (cross-attention blocks), `"mmdit"` (joint blocks) or
+            `"mmdit_rope"` (joint blocks behind rotary position ids: token slots reserved once, FLUX.1).
         pipeline_class (`str`): the diffusers pipeline class of the family.
         context_dim (`int`): the released checkpoints' context width (cross-attention / caption projection dim).
         backbone (`str`): name of the [`Backbone`] class that drives its pipeline in training.
@@ -36,6 +39,8 @@ class Family:
         soft_tokens (`dict`): per objective (`"agsm"`, `"softrepa"`), the [`SoftTokensConfig`] settings of the
             official training scripts.
         tiny (`str`, *optional*): which tiny in-process pipeline `softalign.testing` builds for the family.
+        variant_of (`str`, *optional*): the family whose token layout and released tokens this one shares (SD3.5 of
+            SD3): shapes alone cannot tell them apart, so a released `.pth` file is read as the original family's.
     """
 
     name: str
@@ -46,6 +51,7 @@ class Family:
     training_defaults: dict = field(default_factory=dict)
     soft_tokens: dict = field(default_factory=dict)
     tiny: str | None = None
+    variant_of: str | None = None
 
 
 _SD1_TOKENS = {  # AGSM scripts/train_coco.sh and SoftREPA run_train.sh for SD1.x/2.x: null-prompt initialisation
@@ -73,6 +79,23 @@ FAMILY_TABLE: dict[str, Family] = {
         {"agsm": {"n_layers": 5, "position": "append"}, "softrepa": {"n_layers": 5, "position": "prepend"}},
         tiny="mmdit",
     ),
+    # SD3.5 Medium / Large: the same classes and token layout as SD3, with qk RMS norm (and, for Medium, dual attention
+    # in the first blocks). Its own entry so that detection, presets and reports name it; no paper gives SD3.5
+    # numbers, so the presets are SD3's. Large is 2432 wide (38 heads of 64); the width here is Medium's.
+    "sd35": Family(
+        "sd35", "mmdit", "StableDiffusion3Pipeline", 1536, "SD3Backbone",
+        {"gamma_neg": 0.1, "dweight": 0.0, "resolution": 1024},
+        {"agsm": {"n_layers": 5, "position": "append"}, "softrepa": {"n_layers": 5, "position": "prepend"}},
+        tiny="mmdit_35", variant_of="sd3",
+    ),
+    # FLUX.1 [dev] / [schnell]: 19 double-stream and 38 single-stream blocks, 3072 wide, rotary position ids. No paper
+    # trains soft tokens on FLUX; the presets follow SD3's (5 layers, AGSM appends, SoftREPA prepends).
+    "flux": Family(
+        "flux", "mmdit_rope", "FluxPipeline", 3072, "FluxBackbone",
+        {"gamma_neg": 0.1, "dweight": 0.0, "resolution": 1024},
+        {"agsm": {"n_layers": 5, "position": "append"}, "softrepa": {"n_layers": 5, "position": "prepend"}},
+        tiny="mmdit_rope",
+    ),
 }  # fmt: skip
 FAMILIES = tuple(FAMILY_TABLE)
 UNET_FAMILIES = tuple(name for name, entry in FAMILY_TABLE.items() if entry.architecture == "unet")
@@ -86,7 +109,7 @@ def get_family(name: str) -> Family:
 
 
 def families_with(architecture: str) -> tuple[str, ...]:
-    """The families whose soft tokens use the injection layout `architecture` (`"unet"` or `"mmdit"`)."""
+    """The families whose soft tokens use the injection layout `architecture` (`"unet"`, `"mmdit"`, `"mmdit_rope"`)."""
     return tuple(name for name, entry in FAMILY_TABLE.items() if entry.architecture == architecture)
 
 
@@ -95,13 +118,14 @@ def family_for_tokens(shape: tuple[int, ...], family: str | None = None, source:
 
     `(banks, n, D)` tokens are for a UNet family, `(banks, layers, n, D)` for an MMDiT one. With `family` given it is
     checked against the layout and the width `D`; without it, the one family of that layout and width is returned (a
-    `ValueError` names the candidates when there is none).
+    `ValueError` names the candidates when there is none). Released 4-d tokens are SD3's (no paper released any for
+    a variant such as SD3.5 or for FLUX.1): pass `family` for others.
     """
     shape = tuple(shape)
     architecture, dim = ("mmdit" if len(shape) == 4 else "unet"), shape[-1]
     if family is not None:
         entry = get_family(family)
-        if entry.architecture != architecture:
+        if (entry.architecture == "unet") != (architecture == "unet"):  # both MMDiT layouts hold 4-d tokens
             found = "per-layer (MMDiT)" if architecture == "mmdit" else "for a UNet"
             raise ValueError(f"{source}: tokens of shape {shape} are {found}, not {family.upper()}.")
         if architecture == "unet" and entry.context_dim != dim:
@@ -110,7 +134,7 @@ def family_for_tokens(shape: tuple[int, ...], family: str | None = None, source:
                 f"{entry.context_dim}."
             )
         return family
-    candidates = families_with(architecture)
+    candidates = tuple(name for name in families_with(architecture) if FAMILY_TABLE[name].variant_of is None)
     if architecture == "unet":
         candidates = tuple(name for name in candidates if FAMILY_TABLE[name].context_dim == dim)
     if len(candidates) != 1:
@@ -144,15 +168,15 @@ def training_defaults(family: str) -> dict:
 
 def denoiser_of(pipe_or_denoiser) -> nn.Module:
     """The denoiser of a pipeline (`pipe.unet` or `pipe.transformer`), or the argument itself if it is a denoiser."""
-    if _is_unet(pipe_or_denoiser) or _is_mmdit(pipe_or_denoiser):
+    if _is_denoiser(pipe_or_denoiser):
         return pipe_or_denoiser
     for name in ("unet", "transformer"):
         denoiser = getattr(pipe_or_denoiser, name, None)
         if denoiser is not None:
-            if not (_is_unet(denoiser) or _is_mmdit(denoiser)):
+            if not _is_denoiser(denoiser):
                 raise ValueError(
                     f"pipe.{name} is a {type(denoiser).__name__}; softalign supports UNet2DConditionModel "
-                    "(SD1.x/2.x, SDXL) and SD3Transformer2DModel (SD3, SD3.5)."
+                    "(SD1.x/2.x, SDXL), SD3Transformer2DModel (SD3, SD3.5) and FluxTransformer2DModel (FLUX.1)."
                 )
             return denoiser
     raise ValueError(
@@ -162,30 +186,49 @@ def denoiser_of(pipe_or_denoiser) -> nn.Module:
 
 
 def family_of(pipe_or_denoiser) -> str:
-    """The family id (`"sd15"`, `"sd2"`, `"sdxl"` or `"sd3"`), read from the denoiser's config (SD2.x: 1024-wide
-    context)."""
+    """The family id (`"sd15"`, `"sd2"`, `"sdxl"`, `"sd3"`, `"sd35"` or `"flux"`), read from the denoiser's config:
+    SD2.x has a 1024-wide context, SDXL the `text_time` embedding, SD3.5 normalises q and k (SD3 does not)."""
     denoiser = denoiser_of(pipe_or_denoiser)
+    if _is_flux(denoiser):
+        return "flux"
     if _is_mmdit(denoiser):
-        return "sd3"
+        sd35 = denoiser.config.qk_norm is not None or bool(denoiser.config.dual_attention_layers)
+        return "sd35" if sd35 else "sd3"
     if getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
     return "sd2" if denoiser.config.cross_attention_dim == 1024 else "sd15"
 
 
 def architecture_of(pipe_or_denoiser) -> str:
-    """The injection layout of the denoiser: `"mmdit"` or `"unet"`."""
-    return "mmdit" if _is_mmdit(denoiser_of(pipe_or_denoiser)) else "unet"
+    """The injection layout of the denoiser: `"unet"`, `"mmdit"` or `"mmdit_rope"`."""
+    denoiser = denoiser_of(pipe_or_denoiser)
+    if _is_flux(denoiser):
+        return "mmdit_rope"
+    return "mmdit" if _is_mmdit(denoiser) else "unet"
 
 
 def context_dim_of(pipe_or_denoiser) -> int:
-    """Width of the context the soft tokens join: cross-attention dim (UNet) or caption projection dim (MMDiT)."""
+    """Width of the context the soft tokens join: cross-attention dim (UNet), caption projection dim (SD3) or the
+    inner width the `context_embedder` projects T5 into (FLUX.1: heads x head dim)."""
     denoiser = denoiser_of(pipe_or_denoiser)
+    if _is_flux(denoiser):
+        return int(denoiser.config.num_attention_heads * denoiser.config.attention_head_dim)
     if _is_mmdit(denoiser):
         return int(denoiser.config.caption_projection_dim)
     dim = denoiser.config.cross_attention_dim
     if not isinstance(dim, int):
         raise ValueError(f"UNet cross_attention_dim {dim!r} varies per block; softalign needs one context width.")
     return dim
+
+
+def _is_denoiser(module) -> bool:
+    return _is_unet(module) or _is_mmdit(module) or _is_flux(module)
+
+
+def _is_flux(module) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(module, FluxTransformer2DModel)
 
 
 def _is_unet(module) -> bool:
@@ -213,8 +256,10 @@ def base_model_record(pipe_or_denoiser) -> dict:
 
 
 def image_side(pipe) -> int:
-    """The pipeline's default image side in pixels: the denoiser's `sample_size` times the VAE scale factor."""
-    return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+    """The pipeline's default image side in pixels: the denoiser's `sample_size` (FLUX.1: the pipeline's
+    `default_sample_size`) times the VAE scale factor."""
+    size = getattr(denoiser_of(pipe).config, "sample_size", None) or pipe.default_sample_size
+    return size * pipe.vae_scale_factor
 
 
 def freeze(pipe) -> None:
@@ -294,6 +339,20 @@ class Backbone:
     def flow(self) -> bool:
         """Whether the family is a flow model (sampled with `FlowMatchEulerDiscreteScheduler`)."""
         return self.prediction_type == "flow"
+
+    def training_timesteps(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The timesteps a training step uses for uniformly drawn integer `t` in [0, 1000): `t` itself, except for
+        families whose schedule shifts the noise levels (FLUX.1); `latents` are the clean latents of the batch."""
+        return t
+
+    def latent_shape(self, batch: int, side: int) -> tuple[int, ...]:
+        """Shape of the initial noise of `batch` images of `side` pixels: `(B, C, side / f, side / f)`."""
+        channels, size = self.denoiser.config.in_channels, side // self.pipe.vae_scale_factor
+        return (batch, channels, size, size)
+
+    def set_sampling_timesteps(self, scheduler, steps: int, device, latents: torch.Tensor) -> None:
+        """`scheduler.set_timesteps` for `steps` sampling steps as the family's pipeline calls it."""
+        scheduler.set_timesteps(steps, device=device)
 
     def add_noise(self, x0, noise, t):
         """`x_t` of clean latents `x0` `(B, C, H, W)` at timesteps `t` for this family (see [`add_noise`])."""
@@ -438,6 +497,139 @@ class SD3Backbone(Backbone):
         ).sample
 
 
+class FluxBackbone(Backbone):
+    """FLUX.1: CLIP (pooled) and T5 text encoders; a flow model on packed latents `(B, h/2 * w/2, 4C)`.
+
+    - Latents are packed as `FluxPipeline` packs them (2 x 2 patches), so the encoding cache holds packed latents and
+      everything between the cache and the VAE works on `(B, L, 4C)` rows;
+    - training noise levels follow the pipeline's schedule: a uniform `t / 1000` is shifted by the scheduler itself
+      (`set_timesteps(sigmas=..., mu=...)`, with `mu` from the packed length as `FluxPipeline` computes it when the
+      scheduler uses dynamic shifting);
+    - the denoiser is called as the pipeline calls it: `timestep = t / 1000`, zero text ids, the latent grid's image
+      ids, and the distilled guidance embedding at the pipeline's default `guidance_scale` when the model has one
+      ([dev]; [schnell] has none). There is no second, unconditional branch: FLUX.1 has no true classifier-free
+      guidance in its stock call.
+    """
+
+    flow_model = True
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        defaults = inspect.signature(type(pipe).__call__).parameters
+        self.guidance_scale = defaults["guidance_scale"].default if self.denoiser.config.guidance_embeds else None
+        self.max_sequence_length = defaults["max_sequence_length"].default
+        self._shifter = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)  # never the pipeline's
+
+    def encode_prompts(self, captions):
+        """The T5 context and CLIP pooled embedding of `captions` through `pipe.encode_prompt`."""
+        with torch.no_grad():
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompt=list(captions),
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
+                max_sequence_length=self.max_sequence_length,
+            )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def encode_image_moments(self, pixels):
+        """VAE posterior mean and std, shifted and scaled, then packed: `(B, h/2 * w/2, 4C)` each."""
+        mean, std = super().encode_image_moments(pixels)
+        return pack_latents(mean), pack_latents(std)
+
+    def decode(self, latents):
+        """Images in [0, 1] from packed latents of a square grid."""
+        return super().decode(unpack_latents(latents))
+
+    def _mu(self, packed_length: int) -> float | None:
+        if not self._shifter.config.use_dynamic_shifting:
+            return None
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self._shifter.config
+        return calculate_shift(
+            packed_length,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+
+    def training_timesteps(self, t, latents):
+        """`1000 * sigma` with `sigma` the scheduler's shift of `t / 1000` at this image size (float timesteps)."""
+        import numpy as np
+
+        levels = (t.detach().double().cpu().numpy().reshape(-1) / 1000.0).astype(np.float32)
+        with np.errstate(divide="ignore"):  # t = 0 is a clean latent: the shift maps it to 0 through 1 / 0
+            self._shifter.set_timesteps(sigmas=levels, mu=self._mu(latents.shape[1]), device="cpu")
+        shifted = self._shifter.sigmas[:-1].to(torch.float32) * 1000.0  # the scheduler appends a terminal 0
+        return shifted.reshape(t.shape).to(t.device)
+
+    def latent_shape(self, batch, side):
+        """Packed initial noise: `(B, (side / 2f)^2, in_channels)`."""
+        size = side // (self.pipe.vae_scale_factor * 2)
+        return (batch, size * size, self.denoiser.config.in_channels)
+
+    def set_sampling_timesteps(self, scheduler, steps, device, latents):
+        """FluxPipeline's schedule: `sigmas = linspace(1, 1 / steps, steps)`, shifted with `mu` of the packed length."""
+        import numpy as np
+
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        scheduler.set_timesteps(
+            steps if sigmas is None else None, device=device, sigmas=sigmas, mu=self._mu(latents.shape[1])
+        )
+
+    def predict(self, noisy, timesteps, conditioning):
+        """The transformer call of `FluxPipeline`: `t / 1000`, text and image ids, pooled CLIP, guidance embedding."""
+        batch, length = noisy.shape[:2]
+        side = math.isqrt(length)
+        context = conditioning["prompt_embeds"]
+        guidance = None
+        if self.guidance_scale is not None:
+            guidance = torch.full((batch,), float(self.guidance_scale), device=noisy.device, dtype=torch.float32)
+        timesteps = timesteps.to(noisy.dtype).reshape(-1).expand(batch)
+        return self.denoiser(
+            hidden_states=noisy,
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=conditioning["pooled_prompt_embeds"],
+            encoder_hidden_states=context,
+            txt_ids=torch.zeros(context.shape[1], 3, device=noisy.device, dtype=context.dtype),
+            img_ids=latent_image_ids(side, side, noisy.device, noisy.dtype),
+        ).sample
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` latents as FLUX.1's rows of 2 x 2 patches: `(B, H/2 * W/2, 4C)` (as `FluxPipeline` packs)."""
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"FLUX.1 packs 2 x 2 latent patches; the latent grid {h} x {w} is not even.")
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of [`pack_latents`] for a square grid: `(B, L, 4C)` -> `(B, C, 2 sqrt(L), 2 sqrt(L))`."""
+    b, length, channels = packed.shape
+    side = math.isqrt(length)
+    if side * side != length or channels % 4:
+        raise ValueError(f"Expected packed latents of a square grid, (B, side^2, 4C); got shape {tuple(packed.shape)}.")
+    patches = packed.reshape(b, side, side, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, side * 2, side * 2)
+
+
+def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """FLUX.1's image position ids of a packed `height x width` grid: `(height * width, 3)` rows `(0, row, column)`."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
 def collapsed_row(pipe, text_rows: int) -> CollapsedPadding:
     """Where the collapsed zero row sits in each block's context: the last text row, which is row `text_rows - 1`
     unless soft tokens are prepended to the text (then it is the context's last row)."""
@@ -471,7 +663,8 @@ def backbone_class(pipe) -> type[Backbone]:
 
 
 def backbone_for(pipe) -> Backbone:
-    """The [`Backbone`] of a `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or `StableDiffusion3Pipeline`."""
+    """The [`Backbone`] of a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` or
+    `FluxPipeline`."""
     backbone = backbone_class(pipe)
     if not hasattr(pipe, "encode_prompt") or getattr(pipe, "vae", None) is None:
         raise ValueError(f"Expected a diffusers text-to-image pipeline with a VAE, got {type(pipe).__name__}.")

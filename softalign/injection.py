@@ -5,8 +5,14 @@ block rewrites that block's `encoder_hidden_states`:
 
 - UNet (SD1.x/2.x, SDXL): the cross-attention blocks of the chosen groups (down / mid / up) see
   `[h_0 (BOS), s_1..s_n, h_1..h_L]`;
-- MMDiT (SD3): before every transformer block the context is cut back to the L text tokens, then blocks i < n_layers
-  get their own tokens appended `[h, s^i]` (AGSM) or prepended `[s^i, h]` (SoftREPA).
+- MMDiT (SD3, SD3.5): before every transformer block the context is cut back to the L text tokens, then blocks
+  i < n_layers get their own tokens appended `[h, s^i]` (AGSM) or prepended `[s^i, h]` (SoftREPA).
+- MMDiT with rotary ids (FLUX.1): the rotary embedding is built once from `cat(txt_ids, img_ids)`, so the text stream
+  cannot grow inside a block. The denoiser's pre-hook reserves `n_tokens` slots once: zero rows appended (or
+  prepended) to `encoder_hidden_states` and zero rows to `txt_ids` (FLUX's text ids are all zero). Each chosen block
+  (the first `n_layers` of the double-stream, single-stream or all blocks) overwrites the slots with its own tokens;
+  the other blocks see the slots as the stream hands them on (before the first chosen block: the
+  `context_embedder`'s image of zero rows, i.e. its bias).
 
 Because only hooks are added, the stock `pipe(prompt)`, PEFT LoRA, gradient checkpointing and external trainers (TRL)
 work unchanged, and after `detach()` the denoiser is bit-identical to the untouched model.
@@ -19,6 +25,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .families import INJECTION_ATTRIBUTE, architecture_of, context_dim_of, denoiser_of
 from .soft_tokens import SoftTokens
@@ -91,11 +98,19 @@ class SoftTokenInjection:
             )
         timestep_index = _argument_index(self.denoiser, "timestep")
         context_index = _argument_index(self.denoiser, "encoder_hidden_states")
+        ids_index = _argument_index(self.denoiser, "txt_ids")
+        rope = self.soft_tokens.config.architecture == "mmdit_rope"
 
         def read_denoiser_inputs(module, args, kwargs):
             self._timesteps = _get_argument(args, kwargs, "timestep", timestep_index)
             context = _get_argument(args, kwargs, "encoder_hidden_states", context_index)
             self._text_len = None if context is None else context.shape[1]
+            if not rope or context is None or not self.enabled:
+                return None
+            if self._timesteps is not None:  # FLUX.1 is called with t / 1000 and scales it back inside; rounding
+                # undoes the float32 error of t / 1000, so that t = 540 lands in bucket 54, not 53
+                self._timesteps = (torch.as_tensor(self._timesteps).double() * 1000).round(decimals=3)
+            return self._reserve_slots(args, kwargs, context, context_index, ids_index)
 
         self._handles.append(self.denoiser.register_forward_pre_hook(read_denoiser_inputs, with_kwargs=True))
         for layer, block in self._target_blocks():
@@ -157,10 +172,26 @@ class SoftTokenInjection:
             self.enabled = previous
 
     # -- internals ---------------------------------------------------------------------------------------------
+    def _reserve_slots(self, args, kwargs, context, context_index, ids_index):
+        """The rotary layout's one change to the denoiser's inputs: `n_tokens` zero rows in the text context and in
+        `txt_ids` (2-d `(L, 3)`, or the deprecated 3-d `(B, L, 3)`), after the text or before it."""
+        n, append = self.soft_tokens.config.n_tokens, self.soft_tokens.config.position == "append"
+        zeros = context.new_zeros(context.shape[0], n, context.shape[2])
+        context = torch.cat([context, zeros] if append else [zeros, context], dim=1)
+        args, kwargs = _set_argument(args, kwargs, "encoder_hidden_states", context_index, context)
+        ids = _get_argument(args, kwargs, "txt_ids", ids_index)
+        if ids is not None:
+            slot_ids = ids.new_zeros(*ids.shape[:-2], n, ids.shape[-1])
+            ids = torch.cat([ids, slot_ids] if append else [slot_ids, ids], dim=-2)
+            args, kwargs = _set_argument(args, kwargs, "txt_ids", ids_index, ids)
+        return args, kwargs
+
     def _target_blocks(self) -> list[tuple[int | None, nn.Module]]:
         config = self.soft_tokens.config
         if config.architecture == "mmdit":
             return list(enumerate(self.denoiser.transformer_blocks))
+        if config.architecture == "mmdit_rope":  # only the chosen blocks are hooked: the others keep the stream
+            return list(enumerate(rope_blocks(self.denoiser, config.blocks)))[: config.n_layers]
         groups = {
             "down": list(self.denoiser.down_blocks),
             "mid": [self.denoiser.mid_block] if self.denoiser.mid_block is not None else [],
@@ -201,26 +232,48 @@ class SoftTokenInjection:
     def _block_hook(self, block: nn.Module, layer: int | None):
         context_index = _argument_index(block, "encoder_hidden_states")
         config = self.soft_tokens.config
+        # MMDiT blocks are checkpointed whole (`checkpoint(block, hidden, context, ...)`), so under gradient
+        # checkpointing this hook runs again in the backward pass, when the banks, timesteps and tokens in use may have
+        # changed (the next chunk's, or none). The state of the first call is kept, keyed by the context tensor the
+        # block received (non-reentrant checkpointing, diffusers' default, passes the same tensor again); each forward
+        # hands the block a new one. UNet blocks are not checkpointed whole: only their inner modules are.
+        snapshots = WeakTensorKeyDictionary() if config.architecture != "unet" else None
 
         def inject(module, args, kwargs):
-            if not self.enabled:
-                return None
             context = _get_argument(args, kwargs, "encoder_hidden_states", context_index)
             if context is None:
                 return None
+            state = snapshots.get(context) if snapshots is not None else None
+            if state is None:
+                state = self._call_state(context.shape[0])
+                if snapshots is not None and torch.is_grad_enabled():
+                    snapshots[context] = state
+            enabled, soft_tokens, banks, timesteps, length = state
+            if not enabled:
+                return None
             if config.architecture == "unet":
-                tokens = self.soft_tokens(*self._rows(context.shape[0])).to(context.device, context.dtype)
+                tokens = soft_tokens(banks, timesteps).to(context.device, context.dtype)
                 context = torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
+            elif config.architecture == "mmdit_rope":  # overwrite the reserved slots with this layer's tokens
+                tokens = soft_tokens(banks, timesteps)[:, layer].to(context.device, context.dtype)
+                n = config.n_tokens
+                pieces = [context[:, :-n], tokens] if config.position == "append" else [tokens, context[:, n:]]
+                context = torch.cat(pieces, dim=1)
             else:
-                length = self._text_len
                 context = context[:, :length] if config.position == "append" else context[:, -length:]
                 if layer < config.n_layers:
-                    tokens = self.soft_tokens(*self._rows(context.shape[0]))[:, layer].to(context.device, context.dtype)
+                    tokens = soft_tokens(banks, timesteps)[:, layer].to(context.device, context.dtype)
                     pieces = [context, tokens] if config.position == "append" else [tokens, context]
                     context = torch.cat(pieces, dim=1)
             return _set_argument(args, kwargs, "encoder_hidden_states", context_index, context)
 
         return inject
+
+    def _call_state(self, batch: int) -> tuple:
+        """What a block call injects: `(enabled, soft_tokens, banks, timesteps, text_len)` as they are now."""
+        if not self.enabled:
+            return (False, None, None, None, None)
+        return (True, self.soft_tokens, *self._rows(batch), self._text_len)
 
 
 def check_compatible(config, pipe_or_denoiser) -> None:
@@ -245,14 +298,26 @@ def check_compatible(config, pipe_or_denoiser) -> None:
             f"Soft tokens for {config.n_layers} layers (shape {tuple(config.parameter_shapes()['tokens'])}) do not "
             f"fit a transformer with {len(denoiser.transformer_blocks)} blocks."
         )
+    if architecture == "mmdit_rope" and config.n_layers > len(rope_blocks(denoiser, config.blocks)):
+        raise ValueError(
+            f"Soft tokens for {config.n_layers} layers (shape {tuple(config.parameter_shapes()['tokens'])}) do not "
+            f"fit a transformer with {len(rope_blocks(denoiser, config.blocks))} blocks of kind {config.blocks!r}."
+        )
+
+
+def rope_blocks(transformer: nn.Module, kind: str) -> list[nn.Module]:
+    """The blocks of a FLUX.1 transformer that count as soft-token layers 0, 1, ...: `"dual"` (double-stream),
+    `"single"` (single-stream) or `"all"` (double-stream, then single-stream)."""
+    dual, single = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
+    return {"dual": dual, "single": single, "all": dual + single}[kind]
 
 
 def attach_soft_tokens(pipe_or_denoiser, soft_tokens: SoftTokens, default_bank: int = 0) -> SoftTokenInjection:
     """Attach `soft_tokens` to a pipeline's denoiser (or a denoiser) and return the injection handle.
 
     Args:
-        pipe_or_denoiser: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, or their
-            `UNet2DConditionModel` / `SD3Transformer2DModel`.
+        pipe_or_denoiser: a `StableDiffusionPipeline`, `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`,
+            `FluxPipeline`, or their `UNet2DConditionModel` / `SD3Transformer2DModel` / `FluxTransformer2DModel`.
         soft_tokens ([`SoftTokens`]): moved to the denoiser's device; kept in float32 (cast per call).
         default_bank (`int`, *optional*, defaults to 0): bank used when no `bank_ids` are set (psi+).
     """

@@ -37,6 +37,7 @@ class Architecture(str, Enum):
 
     UNET = "unet"  # SD1.x / SD2.x / SDXL: one token set shared by the hooked UNet blocks
     MMDIT = "mmdit"  # SD3 / SD3.5: one token set per transformer block
+    MMDIT_ROPE = "mmdit_rope"  # FLUX.1: one token set per chosen block, in text slots reserved once (rotary ids)
 
 
 class Position(str, Enum):
@@ -55,6 +56,7 @@ class Init(str, Enum):
 
 
 UNET_BLOCK_GROUPS = ("down", "mid", "up")
+ROPE_BLOCKS = ("dual", "single", "all")  # mmdit_rope: which blocks count as layers 0, 1, ... (see `blocks`)
 
 
 @dataclass
@@ -64,27 +66,32 @@ class SoftTokensConfig:
     Use [`SoftTokensConfig.for_family`] for the papers' settings of a model family.
 
     Args:
-        architecture (`str`): `"unet"` (SD1.x/2.x, SDXL) or `"mmdit"` (SD3, SD3.5).
-        dim (`int`): context width: `unet.config.cross_attention_dim` or `transformer.config.caption_projection_dim`.
+        architecture (`str`): `"unet"` (SD1.x/2.x, SDXL), `"mmdit"` (SD3, SD3.5) or `"mmdit_rope"` (FLUX.1).
+        dim (`int`): context width: `unet.config.cross_attention_dim`, `transformer.config.caption_projection_dim`
+            (SD3) or the transformer's inner width `num_attention_heads * attention_head_dim` (FLUX.1).
         n_tokens (`int`, *optional*, defaults to 4): tokens per bank (and per layer for MMDiT).
         n_banks (`int`, *optional*, defaults to 2): 2 for AGSM (psi+ = bank 0, psi- = bank 1), 1 for SoftREPA.
         n_layers (`int`, *optional*): MMDiT only: the first `n_layers` transformer blocks get their own tokens.
+        blocks (`str`, *optional*): `"mmdit_rope"` only: which blocks are layers 0, 1, ...: `"dual"` (the
+            double-stream blocks, the default), `"single"` (the single-stream blocks) or `"all"` (double-stream, then
+            single-stream).
         unet_blocks (`list[str]`, *optional*): UNet only: which block groups see the tokens, of down / mid / up.
-        position (`str`): `"after_bos"` for UNets; `"append"` (AGSM) or `"prepend"` (SoftREPA) for MMDiT.
+        position (`str`): `"after_bos"` for UNets; `"append"` (AGSM) or `"prepend"` (SoftREPA) for both MMDiT layouts.
         timestep_embedding (`bool`, *optional*, defaults to `True`): add a 100-bucket embedding of `t // 10`.
         init (`str`, *optional*, defaults to `"normal"`): `"normal"` or `"null_prompt"` (UNet only; see
             [`SoftTokens.init_from_null_prompt`]).
         init_std (`float`, *optional*, defaults to 0.02): standard deviation of the normal initialisation.
-        family (`str`, *optional*): informational: `"sd15"`, `"sd2"`, `"sdxl"` or `"sd3"`.
+        family (`str`, *optional*): informational: `"sd15"`, `"sd2"`, `"sdxl"`, `"sd3"`, `"sd35"` or `"flux"`.
         softalign_version (`str`): the version that wrote the config.
     """
 
-    architecture: str = field(metadata={"help": "unet (SD1.x/2.x, SDXL) or mmdit (SD3)."})
+    architecture: str = field(metadata={"help": "unet (SD1.x/2.x, SDXL), mmdit (SD3, SD3.5) or mmdit_rope (FLUX.1)."})
     dim: int = field(metadata={"help": "Context width the tokens live in."})
     n_tokens: int = field(default=4, metadata={"help": "Tokens per bank (per layer for mmdit)."})
     n_banks: int = field(default=2, metadata={"help": "2 for AGSM (psi+, psi-), 1 for SoftREPA."})
     n_layers: int | None = field(default=None, metadata={"help": "mmdit: number of leading blocks with tokens."})
     unet_blocks: list[str] | None = field(default=None, metadata={"help": "unet: block groups of down/mid/up."})
+    blocks: str | None = field(default=None, metadata={"help": "mmdit_rope: dual, single or all (dual then single)."})
     position: str | None = field(default=None, metadata={"help": "after_bos (unet), append or prepend (mmdit)."})
     timestep_embedding: bool = field(default=True, metadata={"help": "Add the 100-bucket timestep embedding."})
     init: str = field(default="normal", metadata={"help": "normal or null_prompt."})
@@ -109,6 +116,13 @@ class SoftTokensConfig:
             self._validate_unet()
         else:
             self._validate_mmdit()
+        if self.architecture == Architecture.MMDIT_ROPE.value:
+            if self.blocks is None:
+                self.blocks = ROPE_BLOCKS[0]
+            if self.blocks not in ROPE_BLOCKS:
+                raise ValueError(f"SoftTokensConfig.blocks must be one of {list(ROPE_BLOCKS)}, got {self.blocks!r}.")
+        elif self.blocks is not None:
+            raise ValueError(f"SoftTokensConfig.blocks is for architecture 'mmdit_rope' only, got {self.blocks!r}.")
 
     def _validate_unet(self):
         if self.position is None:
@@ -135,7 +149,7 @@ class SoftTokensConfig:
             self.position = Position.APPEND.value
         if self.position not in (Position.APPEND.value, Position.PREPEND.value):
             raise ValueError(
-                f"SoftTokensConfig.position must be 'append' or 'prepend' for architecture 'mmdit', "
+                f"SoftTokensConfig.position must be 'append' or 'prepend' for architecture {self.architecture!r}, "
                 f"got {self.position!r}."
             )
         if self.n_layers is None:

@@ -104,6 +104,8 @@ class SoftAlignTrainer:
         if soft_tokens is not None and agsm and soft_tokens.n_banks < 2:
             raise ValueError("AGSM needs soft tokens with two banks (psi+, psi-); these have one.")
         freeze(pipeline)
+        if self.args.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=agsm, ema=agsm)
         self.soft_tokens = soft_tokens
         self.peft_config = peft_config
@@ -262,6 +264,7 @@ class SoftAlignTrainer:
         else:  # one t and one noise tensor for every pair, so the pairs' errors compare like with like
             t = torch.randint(a.min_timestep, a.max_timestep, (1,), generator=generator).expand(latents.shape[0])
             noise = torch.randn((1, *latents.shape[1:]), generator=generator).expand_as(latents)
+        t = backbone.training_timesteps(t, latents)  # the family's schedule (FLUX.1 shifts the levels; others: t)
         latents, noise, t = latents.to(device), noise.to(device), t.to(device)
         noisy = backbone.add_noise(latents, noise, t)
         target = backbone.training_target(latents, noise, t)

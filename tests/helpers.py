@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from softalign.families import denoiser_of
+from softalign.families import denoiser_of, latent_image_ids
 
 
 def denoiser_inputs(pipe, batch: int = 2, text_len: int = 6, timestep=537, seed: int = 0) -> dict:
@@ -12,7 +12,18 @@ def denoiser_inputs(pipe, batch: int = 2, text_len: int = 6, timestep=537, seed:
     g = torch.Generator().manual_seed(seed)
     denoiser = denoiser_of(pipe)
     config = denoiser.config
-    size = config.sample_size
+    size = getattr(config, "sample_size", None)
+    if hasattr(config, "guidance_embeds"):  # FLUX.1: packed latents, position ids, t / 1000, guidance
+        grid = 4
+        return {
+            "hidden_states": torch.randn(batch, grid * grid, config.in_channels, generator=g),
+            "encoder_hidden_states": torch.randn(batch, text_len, config.joint_attention_dim, generator=g),
+            "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=g),
+            "timestep": torch.full((batch,), float(timestep) / 1000),
+            "guidance": torch.full((batch,), 3.5),
+            "txt_ids": torch.zeros(text_len, 3),
+            "img_ids": latent_image_ids(grid, grid),
+        }
     if hasattr(pipe, "transformer"):
         return {
             "hidden_states": torch.randn(batch, config.in_channels, size, size, generator=g),

@@ -75,12 +75,17 @@ def test_converted_unet_tokens_put_the_official_values_after_bos(fmt, family, wi
     assert torch.equal(recorder.seen[0], torch.cat([context[:, :1], official[None], context[:, 1:]], dim=1))
 
 
+@pytest.mark.parametrize("family", ["sd3", "sd35"])
 @pytest.mark.parametrize("fmt", ["softrepa", "agsm"])
-def test_converted_sd3_tokens_sit_at_the_official_side_of_each_layer(fmt, tmp_path):
+def test_converted_sd3_tokens_sit_at_the_official_side_of_each_layer(fmt, family, tmp_path):
+    """The SD3 releases also load into SD3.5 (same layout and width as SD3.5 Medium); by shape alone a release is
+    read as SD3's, and `family="sd35"` records the variant."""
     shape, t_width = LAYOUTS[(fmt, "sd3")]
     tokens, embedding = write_release(tmp_path / "release", fmt, shape, t_width)
-    soft = convert_official_tokens(tmp_path / "release", format=fmt)
-    pipe = tiny_pipeline("sd3", caption_projection_dim=1536, attention_head_dim=64, num_layers=5, sample_size=4)
+    assert convert_official_tokens(tmp_path / "release", format=fmt).config.family == "sd3"
+    soft = convert_official_tokens(tmp_path / "release", format=fmt, family=family)
+    assert soft.config.family == family
+    pipe = tiny_pipeline(family, caption_projection_dim=1536, attention_head_dim=64, num_layers=5, sample_size=4)
     attach_soft_tokens(pipe, soft)
     recorder = ContextRecorder(list(pipe.transformer.transformer_blocks))
     with torch.no_grad():

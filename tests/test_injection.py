@@ -11,7 +11,7 @@ from softalign.testing import tiny_pipeline
 
 
 def tokens_for(pipe, **overrides):
-    family = {"sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3"}[overrides.pop("family")]
+    family = overrides.pop("family")
     config = SoftTokensConfig.for_family(family, dim=context_dim_of(pipe), init="normal", **overrides)
     soft_tokens = SoftTokens(config)
     with torch.no_grad():  # large values so their effect is unmistakable
@@ -21,7 +21,7 @@ def tokens_for(pipe, **overrides):
     return soft_tokens
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35", "flux"])
 def test_detached_is_bit_identical_and_attached_changes_the_output(family):
     pipe = tiny_pipeline(family)
     untouched = copy.deepcopy(denoiser_of(pipe))
@@ -60,12 +60,13 @@ def test_unet_blocks_see_bos_then_tokens_then_text(family, groups):
             assert torch.equal(next(seen), injected if group in groups else context), group
 
 
+@pytest.mark.parametrize("family", ["sd3", "sd35"])
 @pytest.mark.parametrize("position", ["append", "prepend"])
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
-def test_mmdit_blocks_cut_the_context_back_to_the_text_then_add_their_layer_tokens(position, n_layers):
-    pipe = tiny_pipeline("sd3", num_layers=4)
+def test_mmdit_blocks_cut_the_context_back_to_the_text_then_add_their_layer_tokens(family, position, n_layers):
+    pipe = tiny_pipeline(family, num_layers=4)
     transformer = pipe.transformer
-    soft_tokens = tokens_for(pipe, family="sd3", n_layers=n_layers, position=position)
+    soft_tokens = tokens_for(pipe, family=family, n_layers=n_layers, position=position)
     inputs = denoiser_inputs(pipe, batch=2, text_len=5, timestep=1000.0)  # 1000 maps to bucket 99
     text_len = 5
     embedded, outputs = [], []
@@ -92,7 +93,7 @@ def test_mmdit_blocks_cut_the_context_back_to_the_text_then_add_their_layer_toke
     assert recorder.seen[0].shape[1] == text_len + 4
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
 def test_bank_is_chosen_per_row(family):
     pipe = tiny_pipeline(family)
     soft_tokens = tokens_for(pipe, family=family)
@@ -149,7 +150,7 @@ def _train_step(pipe, soft_tokens, inputs):
     return {n: p.grad.clone() for n, p in soft_tokens.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35", "flux"])
 def test_gradient_reaches_the_tokens_only_and_survives_gradient_checkpointing(family):
     pipe = tiny_pipeline(family)
     denoiser = denoiser_of(pipe)
@@ -167,7 +168,7 @@ def test_gradient_reaches_the_tokens_only_and_survives_gradient_checkpointing(fa
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-7), name
 
 
-@pytest.mark.parametrize("family", ["sd15", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sd3", "sd35", "flux"])
 def test_soft_tokens_work_beside_a_peft_lora_on_the_same_denoiser(family):
     from peft import LoraConfig
 
@@ -192,7 +193,7 @@ def test_soft_tokens_work_beside_a_peft_lora_on_the_same_denoiser(family):
         assert torch.equal(run_denoiser(pipe, inputs), lora_only)
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35", "flux"])
 def test_stock_pipeline_call_generates_with_the_tokens(family):
     pipe = tiny_pipeline(family)
     call = dict(prompt="a photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np")
@@ -216,3 +217,23 @@ def test_wrong_family_and_wrong_width_name_both_shapes():
     deep = SoftTokens(SoftTokensConfig.for_family("sd3", dim=32, n_layers=7))
     with pytest.raises(ValueError, match="7 layers .* 6 blocks"):
         attach_soft_tokens(sd3, deep)
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd35", "flux"])
+def test_checkpointed_blocks_recompute_with_the_banks_of_their_forward(family):
+    """MMDiT blocks are checkpointed whole, so the injection runs again in backward, after `use_banks` has exited:
+    it must inject what the forward injected (psi- rows stay psi-), not the banks in use at backward time."""
+    grads = []
+    for checkpointing in (False, True):
+        pipe = tiny_pipeline(family)
+        denoiser = denoiser_of(pipe).requires_grad_(False)
+        soft_tokens = tokens_for(pipe, family=family)
+        injection = attach_soft_tokens(pipe, soft_tokens)
+        if checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        with injection.use_banks(torch.tensor([0, 1])):
+            out = run_denoiser(pipe, denoiser_inputs(pipe))
+        out.square().mean().backward()  # outside use_banks, as the trainers' chunked backward is
+        grads.append(soft_tokens.tokens.grad.clone())
+    assert grads[0][1].abs().sum() > 0  # psi- has a gradient
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

@@ -32,7 +32,7 @@ def trained_like_tokens(pipe, family):
     return tokens
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35", "flux"])
 def test_save_load_into_a_fresh_pipeline_gives_identical_images_and_unload_restores_the_base(family, tmp_path):
     pipe = tiny_pipeline(family)
     tokens = trained_like_tokens(pipe, family)

@@ -37,6 +37,9 @@ def config(tmp_path, **overrides):
         ("sd15", False, True),
         ("sd15", True, True),
         ("sd3", False, True),
+        ("sd35", True, False),
+        ("flux", True, False),
+        ("flux", False, True),
     ],
 )
 def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_lora, tmp_path):
@@ -65,14 +68,17 @@ def test_ddpo_trains_exactly_the_chosen_parameters(family, train_tokens, train_l
             assert torch.equal(value, base[name.replace(".base_layer", "")]), name
 
 
-@pytest.mark.parametrize("kl_coef", [0.0, 1.0])
-def test_resumed_ddpo_equals_an_uninterrupted_run(kl_coef, tmp_path):
+@pytest.mark.parametrize(
+    "family, kl_coef",
+    [("sd15", 0.0), ("sd15", 1.0), ("sd35", 0.0), pytest.param("flux", 1.0, marks=pytest.mark.slow)],  # flux: ~15 s
+)
+def test_resumed_ddpo_equals_an_uninterrupted_run(family, kl_coef, tmp_path):
     whole = DDPOTrainer(
         config(tmp_path / "a", num_epochs=3, kl_coef=kl_coef),
         brightness,
         Prompts(),
-        (p := tiny_pipeline("sd15")),
-        soft_tokens=tokens_for(p, "sd15"),
+        (p := tiny_pipeline(family)),
+        soft_tokens=tokens_for(p, family),
         peft_config=gaussian_lora(),
     )
     whole.train()
@@ -80,8 +86,8 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(kl_coef, tmp_path):
         config(tmp_path / "b", num_epochs=3, kl_coef=kl_coef),
         brightness,
         Prompts(),
-        (q := tiny_pipeline("sd15")),
-        soft_tokens=tokens_for(q, "sd15"),
+        (q := tiny_pipeline(family)),
+        soft_tokens=tokens_for(q, family),
         peft_config=gaussian_lora(),
     )
     first.train(epochs=2)
@@ -89,8 +95,8 @@ def test_resumed_ddpo_equals_an_uninterrupted_run(kl_coef, tmp_path):
         config(tmp_path / "b", num_epochs=3, resume_from="latest", kl_coef=kl_coef),
         brightness,
         Prompts(),
-        (r := tiny_pipeline("sd15")),
-        soft_tokens=tokens_for(r, "sd15"),
+        (r := tiny_pipeline(family)),
+        soft_tokens=tokens_for(r, family),
         peft_config=gaussian_lora(),
     )
     before = {k: v.clone() for k, v in resumed.trained.state_dict().items()}

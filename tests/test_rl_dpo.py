@@ -29,7 +29,7 @@ def test_dpo_loss_formula_and_types():
         diffusion_dpo_loss(w, lose, rw, rl, beta=1.0, loss_type="kto")
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35", "flux"])
 def test_loss_is_ln2_at_initialisation_with_tokens_and_lora(family, tmp_path):
     from peft import LoraConfig
 

@@ -57,11 +57,28 @@ def test_ddim_log_prob_is_the_gaussian_density_of_the_drawn_step():
     assert ((prev - mean).std() / std) == pytest.approx(1.0, abs=0.35)
 
 
-def test_flow_sde_step_reduces_to_euler_without_noise_and_scores_its_draw():
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    scheduler.set_timesteps(8)
+def _flow_schedule(kind: str):
+    """A flow scheduler set for 8 steps and a (sample, velocity) pair: SD3's layout with shift 1, or FLUX.1's packed
+    latents on its resolution-shifted schedule, set as `FluxPipeline` sets it (through the family's backbone)."""
     torch.manual_seed(0)
-    sample, velocity = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    if kind == "unshifted":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+        scheduler.set_timesteps(8)
+        return scheduler, torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    from softalign.families import backbone_for
+    from softalign.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("flux")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    sample, velocity = torch.randn(2, 1024, 16), torch.randn(2, 1024, 16)  # a 64 x 64 latent grid, packed
+    backbone_for(pipe).set_sampling_timesteps(scheduler, 8, "cpu", sample)
+    assert scheduler.sigmas[1] > 0.875 + 1e-3  # shifted towards noise: the unshifted second level is 7 / 8
+    return scheduler, sample, velocity
+
+
+@pytest.mark.parametrize("schedule", ["unshifted", "flux"])
+def test_flow_sde_step_reduces_to_euler_without_noise_and_scores_its_draw(schedule):
+    scheduler, sample, velocity = _flow_schedule(schedule)
     for index in (1, 4):
         scheduler._step_index = index
         euler = scheduler.step(velocity, scheduler.timesteps[index], sample).prev_sample
@@ -74,8 +91,9 @@ def test_flow_sde_step_reduces_to_euler_without_noise_and_scores_its_draw():
     dt = sigma_next - sigma
     std_t = 0.7 * math.sqrt(sigma / (1 - sigma))
     mean = sample * (1 + std_t**2 / (2 * sigma) * dt) + velocity * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
-    reference = torch.distributions.Normal(mean, std_t * math.sqrt(-dt)).log_prob(prev).mean(dim=(1, 2, 3))
-    assert torch.allclose(log_prob, reference, atol=1e-4)
+    density = torch.distributions.Normal(mean, std_t * math.sqrt(-dt)).log_prob(prev)
+    assert torch.allclose(log_prob, density.mean(dim=tuple(range(1, density.dim()))), atol=1e-4)
+    assert ((prev - mean).std() / (std_t * math.sqrt(-dt))) == pytest.approx(1.0, abs=0.05)  # it draws what it scores
 
 
 def test_gaussian_log_prob_matches_torch_distributions():

@@ -26,7 +26,7 @@ def test_tokenizers_round_trip_through_save_pretrained(tmp_path):
     assert ids == t5_tokenizer()("a photo of a cat").input_ids and ids[-1] == 1 and 2 not in ids
 
 
-@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "sd35", "flux"])
 def test_tiny_pipelines_generate_deterministically_and_save_and_load(family, tmp_path):
     pipe = tiny_pipeline(family)
     call = dict(prompt="a photo of a cat", num_inference_steps=2, height=32, width=32, output_type="np")
@@ -40,12 +40,25 @@ def test_tiny_pipelines_generate_deterministically_and_save_and_load(family, tmp
     assert abs(reloaded(**call, generator=torch.Generator().manual_seed(1)).images - first).max() < 1e-5
 
 
+def test_tiny_families_are_detected_with_their_traits():
+    from softalign.families import family_of
+
+    sd35 = tiny_pipeline("sd35").transformer
+    assert family_of(sd35) == "sd35" and sd35.config.qk_norm == "rms_norm" and sd35.config.dual_attention_layers
+    assert family_of(tiny_pipeline("sd3")) == "sd3"
+    flux = tiny_pipeline("flux")
+    assert (
+        family_of(flux) == "flux" and type(flux).__name__ == "FluxPipeline" and flux.transformer.config.guidance_embeds
+    )
+    assert flux.scheduler.config.use_dynamic_shifting
+
+
 def test_overrides_reach_real_context_widths():
     assert tiny_pipeline("sd15", cross_attention_dim=768).text_encoder.config.hidden_size == 768
     sdxl = tiny_pipeline("sdxl", cross_attention_dim=2048)
     assert sdxl.unet.config.cross_attention_dim == 2048
     assert sdxl.text_encoder.config.hidden_size + sdxl.text_encoder_2.config.hidden_size == 2048
     with pytest.raises(ValueError, match="family must be one of"):
-        tiny_pipeline("flux")
+        tiny_pipeline("kandinsky")
     with pytest.raises(ValueError, match="num_attention_heads \\* attention_head_dim == caption_projection_dim"):
         tiny_pipeline("sd3", caption_projection_dim=36)

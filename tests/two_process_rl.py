@@ -1,4 +1,5 @@
-"""Run by test_multiprocess.py under torchrun (2 processes, gloo on CPU): `two_process_rl.py <ddpo|dpo> <out_dir>`.
+"""Run by test_multiprocess.py under torchrun (2 processes, gloo on CPU):
+`two_process_rl.py <ddpo|dpo> <out_dir> [family]`.
 
 Trains soft tokens and a LoRA with the DDPO or the Diffusion-DPO trainer; each rank writes its trainable state before
 (`<kind>-init-rank{r}.safetensors`) and after (`<kind>-rank{r}.safetensors`) training.
@@ -18,6 +19,7 @@ from softalign.testing import tiny_pipeline
 
 torch.set_num_threads(1)
 kind, out = sys.argv[1], sys.argv[2]
+family = sys.argv[3] if len(sys.argv) > 3 else "sd15"
 PROMPTS = ["a photo of a cat", "a photo of two dogs"]
 
 
@@ -25,8 +27,8 @@ def prompt_fn():
     return random.choice(PROMPTS), {}
 
 
-pipe = tiny_pipeline("sd15")
-tokens = tokens_for(pipe, "sd15")
+pipe = tiny_pipeline(family)
+tokens = tokens_for(pipe, family)
 if kind == "ddpo":
     config = tiny_ddpo_config(f"{out}/ddpo")
     trainer = DDPOTrainer(config, brightness, prompt_fn, pipe, soft_tokens=tokens, peft_config=gaussian_lora())

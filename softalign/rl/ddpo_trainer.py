@@ -1,5 +1,6 @@
 """`DDPOTrainer`: DDPO (arXiv 2305.13301) on soft tokens and/or a LoRA, for SD1.x/2.x, SDXL (DDIM with log-probs)
-and SD3 (the Flow-GRPO SDE, arXiv 2505.05470), with trl 0.23.1's contracts:
+and the flow models SD3, SD3.5 and FLUX.1 (the Flow-GRPO SDE, arXiv 2505.05470, on the schedule each pipeline sets:
+FLUX.1's resolution-shifted sigmas), with trl 0.23.1's contracts:
 `reward_fn(images, prompts, metadata) -> (rewards, info)` and `prompt_fn() -> (prompt, metadata)`.
 
 Each epoch: (1) sample trajectories with the current parameters, keeping every step's latent and log-probability;
@@ -102,6 +103,8 @@ class DDPOTrainer:
         if soft_tokens is None and peft_config is None:
             raise ValueError("DDPOTrainer needs parameters to train: soft_tokens and/or peft_config.")
         freeze(pipeline)
+        if config.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.soft_tokens = soft_tokens
         self.alongside = as_alignment_term(alongside)
@@ -223,12 +226,11 @@ class DDPOTrainer:
         prompts, metadata = zip(*[self.prompt_function() for _ in range(c.sample_batch_size)], strict=True)
         conditioning = self._conditioning(prompts)
         side = c.resolution or image_side(self.pipe)
-        channels = self.backbone.denoiser.config.in_channels
-        shape = (c.sample_batch_size, channels, side // self.pipe.vae_scale_factor, side // self.pipe.vae_scale_factor)
+        shape = self.backbone.latent_shape(c.sample_batch_size, side)  # (B, C, h, w), or packed (B, L, C) for FLUX.1
         generator = torch.Generator().manual_seed(seed)
         device = self.backbone.device
         latents = torch.randn(shape, generator=generator).to(device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
-        self.scheduler.set_timesteps(c.sample_num_steps, device=device)
+        self.backbone.set_sampling_timesteps(self.scheduler, c.sample_num_steps, device, latents)
         all_latents, all_log_probs = [latents], []
         for index, t in enumerate(self.scheduler.timesteps):
             output = self._predict(latents, t.reshape(1), conditioning, guidance=c.sample_guidance_scale > 1)
@@ -241,7 +243,7 @@ class DDPOTrainer:
             "metadata": list(metadata),
             "conditioning": conditioning,
             "images": images,
-            "latents": torch.stack(all_latents, dim=1),  # (B, steps + 1, C, h, w)
+            "latents": torch.stack(all_latents, dim=1),  # (B, steps + 1, C, h, w); FLUX.1: (B, steps + 1, L, C)
             "log_probs": torch.stack(all_log_probs, dim=1),  # (B, steps)
             "timesteps": self.scheduler.timesteps.repeat(c.sample_batch_size, 1),  # (B, steps)
         }

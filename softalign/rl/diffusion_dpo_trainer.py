@@ -97,6 +97,8 @@ class DiffusionDPOTrainer:
             raise ValueError("alongside_weight > 0 needs an `alongside` SoftAlignTrainer.")
         self.examples = preference_examples(train_dataset)  # validate before touching the pipeline
         freeze(pipeline)
+        if self.args.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
+            self.backbone.denoiser.enable_gradient_checkpointing()
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.reference_tokens = copy.deepcopy(soft_tokens).requires_grad_(False) if soft_tokens is not None else None
         self.soft_tokens, self.alongside = soft_tokens, as_alignment_term(alongside)
@@ -171,8 +173,11 @@ class DiffusionDPOTrainer:
             latents.append(mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator))
         n = len(rows)
         t = torch.randint(a.min_timestep, a.max_timestep, (n,), generator=generator).repeat(2)  # shared per pair
-        noise = torch.randn(latents[0].shape, generator=generator).repeat(2, 1, 1, 1)  # shared per pair
-        x0 = torch.cat(latents).to(device)
+        noise = torch.randn(latents[0].shape, generator=generator)
+        noise = noise.repeat(2, *([1] * (noise.dim() - 1)))  # shared per pair; (B, C, H, W) or packed (B, L, C)
+        x0 = torch.cat(latents)
+        t = backbone.training_timesteps(t, x0)  # the family's schedule (FLUX.1 shifts the levels; others: t)
+        x0 = x0.to(device)
         t, noise = t.to(device), noise.to(device)
         noisy = backbone.add_noise(x0, noise, t)
         target = backbone.training_target(x0, noise, t)

@@ -1,4 +1,4 @@
-"""Tiny, offline, in-process diffusers pipelines of the three families softalign supports.
+"""Tiny, offline, in-process diffusers pipelines of the families softalign supports.
 
 They are the real pipeline and model classes with small configurations (as in diffusers' own pipeline tests), so
 every code path is the one a real SD1.5 / SDXL / SD3 checkpoint takes. Tokenizers are built locally
@@ -17,12 +17,14 @@ def tiny_pipeline(family: str, seed: int = 0, **overrides):
     """Build a tiny pipeline of `family` with freshly initialised weights (seeded).
 
     Args:
-        family (`str`): `"sd15"` (`StableDiffusionPipeline`), `"sdxl"` (`StableDiffusionXLPipeline`) or `"sd3"`
-            (`StableDiffusion3Pipeline`).
+        family (`str`): `"sd15"` (`StableDiffusionPipeline`), `"sdxl"` (`StableDiffusionXLPipeline`), `"sd3"` or
+            `"sd35"` (`StableDiffusion3Pipeline`; SD3.5 with qk RMS norm and dual attention) or `"flux"`
+            (`FluxPipeline`, guidance-distilled like FLUX.1 [dev]).
         seed (`int`, *optional*, defaults to 0): seed of the weight initialisation.
         overrides: denoiser config values. The text encoders follow the context width, so real-size context dims
             work while the rest stays small: `cross_attention_dim=768` (SD1.5), `cross_attention_dim=2048` (SDXL),
-            `caption_projection_dim=1536, num_layers=5` (SD3).
+            `caption_projection_dim=1536, num_layers=5` (SD3),
+            `num_attention_heads=24, attention_head_dim=128, joint_attention_dim=4096, num_layers=1` (FLUX.1).
 
     Example:
         ```py
@@ -60,7 +62,7 @@ def _clip_config(hidden: int, projection: int | None = None, layers: int = 2):
     )
 
 
-def _unet_vae(latent_channels: int = 4):
+def _unet_vae(latent_channels: int = 4, **settings):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -72,6 +74,7 @@ def _unet_vae(latent_channels: int = 4):
         latent_channels=latent_channels,
         norm_num_groups=4,
         sample_size=32,
+        **settings,
     )
 
 
@@ -153,14 +156,33 @@ def _tiny_unet_xl(config: dict):
     )
 
 
-def _tiny_mmdit(config: dict):
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
+def _tiny_t5(width: int, vocab: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab,
+            d_model=width,
+            d_ff=2 * width,
+            d_kv=8,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+
+def _flow_vae(latent_channels: int, **constants):
+    """The VAE layout of the flow families (no quant convs), with the family's shift and scaling constants."""
+    return _unet_vae(latent_channels, use_quant_conv=False, use_post_quant_conv=False, **constants)
+
+
+def _tiny_mmdit(config: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
 
     clip_width, pooled_each = 16, 16
     settings = dict(
@@ -183,36 +205,9 @@ def _tiny_mmdit(config: dict):
             f"{settings['num_attention_heads']} * {settings['attention_head_dim']} != {settings['caption_projection_dim']}."
         )
     transformer = SD3Transformer2DModel(**settings)
-    t5_width = settings["joint_attention_dim"]  # the pipeline pads the CLIP context (2 x 16) to the T5 width
     t5_tok = t5_tokenizer()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=t5_width,
-            d_ff=2 * t5_width,
-            d_kv=8,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[8, 16],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        latent_channels=settings["in_channels"],
-        norm_num_groups=4,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    t5 = _tiny_t5(settings["joint_attention_dim"], len(t5_tok))  # the pipeline pads the CLIP context to the T5 width
+    vae = _flow_vae(settings["in_channels"], shift_factor=0.0609, scaling_factor=1.5035)  # SD3's VAE constants
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -226,5 +221,56 @@ def _tiny_mmdit(config: dict):
     )
 
 
-_BUILDERS = {"unet": _tiny_unet, "unet_xl": _tiny_unet_xl, "mmdit": _tiny_mmdit}  # keyed by `Family.tiny`
+def _tiny_mmdit_35(config: dict):
+    """SD3.5: the SD3 classes with RMS-normalised q and k, and dual attention in the first blocks (SD3.5 Medium)."""
+    return _tiny_mmdit({"dual_attention_layers": (0, 1), "qk_norm": "rms_norm", **config})
+
+
+def _tiny_flux(config: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    latent_channels = 4
+    settings = dict(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # packed 2 x 2 patches of the VAE latents
+        num_layers=6,  # the default 5 soft-token layers fit, and one double-stream block stays plain
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,  # as FLUX.1 [dev]
+    )
+    settings.update(config)
+    head = settings["attention_head_dim"]
+    settings.setdefault("axes_dims_rope", (16, 56, 56) if head == 128 else (2, 2, head - 4))  # sums to the head dim
+    transformer = FluxTransformer2DModel(**settings)
+    t5_tok = t5_tokenizer()
+    return FluxPipeline(
+        transformer=transformer,
+        # FLUX.1 [dev]'s scheduler config: resolution-dependent (dynamic) shifting
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=_flow_vae(latent_channels, shift_factor=0.1159, scaling_factor=0.3611),  # FLUX.1's VAE constants
+        text_encoder=CLIPTextModel(_clip_config(settings["pooled_projection_dim"])),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=_tiny_t5(settings["joint_attention_dim"], len(t5_tok)),
+        tokenizer_2=t5_tok,
+    )
+
+
+_BUILDERS = {  # keyed by `Family.tiny`
+    "unet": _tiny_unet,
+    "unet_xl": _tiny_unet_xl,
+    "mmdit": _tiny_mmdit,
+    "mmdit_35": _tiny_mmdit_35,
+    "mmdit_rope": _tiny_flux,
+}
 FAMILIES = tuple(name for name, entry in FAMILY_TABLE.items() if entry.tiny in _BUILDERS)
