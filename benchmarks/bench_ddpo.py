@@ -357,7 +357,9 @@ def main() -> None:
 
             profiler = cProfile.Profile()
             profiler.runcall(worker, a.profile, path, a)
-            pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("cumulative").print_stats(30)
+            stats.sort_stats("tottime").print_stats(20)
             return
         parity = check_parity(path, a, str(Path(scratch, "parity")))
         print("parity against trl 0.23.1 (max abs difference; grad relative to its largest entry):")
