@@ -22,6 +22,44 @@ for _name, _value in (("TQDM_DISABLE", "1"), ("DIFFUSERS_VERBOSITY", "error"), (
     os.environ.setdefault(_name, _value)
 
 
+# UNet sizes of the SD1.5 class (`UNet2DConditionModel` + CLIP text encoder, random weights): "tiny" is the test
+# pipeline, "sd15" the real SD1.5 UNet configuration (860M parameters; the text encoder stays 2 layers wide 768).
+SD15_SIZES = {
+    "tiny": {},
+    "small": dict(block_out_channels=(32, 64), attention_head_dim=8, cross_attention_dim=64, norm_num_groups=8),
+    "medium": dict(
+        block_out_channels=(64, 128),
+        attention_head_dim=8,
+        cross_attention_dim=128,
+        norm_num_groups=16,
+        layers_per_block=2,
+    ),
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+        norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+}
+
+
+def sd15_pipeline(size: str, resolution: int, seed: int = 0):
+    """A seeded random `StableDiffusionPipeline` with the UNet of `SD15_SIZES[size]` for `resolution`-pixel images
+    (the tiny VAE downsamples by 2, so latents are `resolution // 2`)."""
+    from softalign.testing import tiny_pipeline
+
+    return tiny_pipeline("sd15", seed=seed, sample_size=resolution // 2, **SD15_SIZES[size])
+
+
+def unet_mb(unet) -> float:
+    """The UNet's own parameters and buffers in MiB (LoRA tensors left out): what one more copy of it costs."""
+    tensors = [p for n, p in unet.named_parameters() if "lora_" not in n] + list(unet.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def sync(device: str) -> None:
     """Wait for queued CUDA work, so a timer reads finished work (a no-op on CPU)."""
     if str(device).startswith("cuda"):

@@ -30,12 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (  # noqa: E402
+    SD15_SIZES,
     PeakMemory,
     Timer,
     interleaved,
     median_of,
     ratio_table,
     run_worker,
+    sd15_pipeline,
     timed_method,
     write_json,
 )
@@ -43,18 +45,6 @@ from bench_common import (  # noqa: E402
 VARIANTS = ("trl", "softalign-trl-adapter", "softalign")
 PROMPTS = ["a photo of a cat", "two red circles", "a blue square above a green triangle", "three stars"]
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # trl's DefaultDDPOStableDiffusionPipeline
-# UNet sizes of the SD1.5 class (`UNet2DConditionModel`, CLIP text encoder); "tiny" is the test pipeline.
-SIZES = {
-    "tiny": {},
-    "small": dict(block_out_channels=(32, 64), attention_head_dim=8, cross_attention_dim=64, norm_num_groups=8),
-    "medium": dict(
-        block_out_channels=(64, 128),
-        attention_head_dim=8,
-        cross_attention_dim=128,
-        norm_num_groups=16,
-        layers_per_block=2,
-    ),
-}
 
 
 def prompt_fn():
@@ -70,10 +60,7 @@ def reward_fn(images, prompts, metadata):
 def save_base_pipeline(folder: str, size: str, resolution: int) -> str:
     """Build the seeded random pipeline once and save it, so every variant (and trl's `from_pretrained`) loads the
     very same weights."""
-    from softalign.testing import tiny_pipeline
-
-    pipe = tiny_pipeline("sd15", sample_size=resolution // 2, **SIZES[size])  # the tiny VAE downsamples by 2
-    pipe.save_pretrained(folder)
+    sd15_pipeline(size, resolution).save_pretrained(folder)
     return folder
 
 
@@ -325,7 +312,7 @@ def worker(variant: str, path: str, a) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="small", choices=sorted(SIZES), help="UNet size (SD1.5 class)")
+    parser.add_argument("--size", default="small", choices=sorted(SD15_SIZES), help="UNet size (SD1.5 class)")
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels (latents are half)")
     parser.add_argument("--steps", type=int, default=10, help="sampler steps per trajectory (all are trained)")
     parser.add_argument("--sample-batch", type=int, default=4)
