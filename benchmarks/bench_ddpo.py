@@ -224,8 +224,9 @@ def check_parity(path: str, a, output_dir: str) -> dict:
     sample = samples[0]
     generator = torch.Generator().manual_seed(1)
     # stored log-probs off by about the clip range, so that PPO's clip decides some terms
-    old = sample["log_probs"] + 3e-4 * torch.randn(sample["log_probs"].shape, generator=generator)
-    advantages = torch.randn(a.sample_batch, generator=generator)
+    device = sample["log_probs"].device
+    old = sample["log_probs"] + 3e-4 * torch.randn(sample["log_probs"].shape, generator=generator).to(device)
+    advantages = torch.randn(a.sample_batch, generator=generator).to(device)
     batch = _softalign_batch(trainers["softalign"], sample, old, advantages)
 
     result = {}
