@@ -35,6 +35,8 @@ format: setup
 bench: setup
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_softalign_step.py
+	$(PY) benchmarks/bench_ddpo.py
+	$(PY) benchmarks/bench_diffusion_dpo.py
 
 demo: setup
 	$(PY) recipes/softalign_then_ddpo.py

@@ -9,30 +9,35 @@ Each (variant, batch size) runs in its own subprocess so its peak memory can be 
 process's RSS before the first step; CUDA: `max_memory_allocated`).
 
     python benchmarks/bench_softalign_step.py [--batches 4 8 16 32] [--steps 5] [--size 64] [--json out.json]
+
+`--real-size` puts the SD1.5 UNet at its real configuration (860M parameters, random weights, nothing downloaded) in
+the pipeline, at small latents (`--size 16` pixels: 8x8 latents by default), B = 4 and 16, with gradient
+checkpointing off and on, one timed step each: seconds per pair and peak memory, which must stay flat in B.
+
+    python benchmarks/bench_softalign_step.py --real-size [--batches 4 16] [--size 16] [--steps 1] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
 import sys
-import threading
 import time
+from pathlib import Path
 
 import torch
 
-from softalign import objectives
-from softalign.softalign_config import SoftAlignConfig
-from softalign.softalign_trainer import SoftAlignTrainer
-from softalign.testing import tiny_pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import RSSSampler, run_worker, sd15_pipeline, write_json  # noqa: E402
+
+from softalign import objectives  # noqa: E402
+from softalign.softalign_config import SoftAlignConfig  # noqa: E402
+from softalign.softalign_trainer import SoftAlignTrainer  # noqa: E402
 
 GROUP = 4  # one positive, three negatives
 
 
-def make_trainer(batch: int, size: int, device: str):
+def make_trainer(batch: int, size: int, device: str, unet: str = "tiny", checkpointing: bool = False):
     import numpy as np
 
     from softalign.shapes.prompts import split_prompts
@@ -44,7 +49,9 @@ def make_trainer(batch: int, size: int, device: str):
         (render_scene(lines[i % len(lines)], rng, size=size)[0], lines[i % len(lines)]["prompt"])
         for i in range(max(64, batch))
     ]
-    pipe = tiny_pipeline("sd15", sample_size=size // 2).to(device)
+    pipe = sd15_pipeline(unet, size).to(device)  # "tiny": the test pipeline; "sd15": the real UNet configuration
+    if checkpointing:  # recompute the UNet's activations in the backward instead of keeping them
+        pipe.unet.enable_gradient_checkpointing()
     config = SoftAlignConfig(
         output_dir="/tmp/softalign-bench",
         train_batch_size=batch,
@@ -108,42 +115,16 @@ def step_inputs(trainer, step):
     return indices, t.to(device), noise.to(device), eps
 
 
-def check_same_loss(batch: int, size: int, device: str) -> float:
-    trainer, pairs = make_trainer(batch, size, device)
+def check_same_loss(batch: int, size: int, device: str, unet: str = "tiny") -> float:
+    trainer, pairs = make_trainer(batch, size, device, unet)
     ours = trainer.alignment_term().backward(0)["loss"]  # the public "alongside" contract: one step's term
     trainer.optimizer.zero_grad(set_to_none=True)
     naive = naive_step(trainer, pairs, *step_inputs(trainer, 0))
     return abs(ours - naive)
 
 
-class RSSSampler:
-    """Peak resident memory while the steps run, sampled every millisecond from /proc (CPU runs)."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def rss_bytes() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss_bytes())
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def worker(variant: str, batch: int, size: int, steps: int, device: str) -> dict:
-    trainer, pairs = make_trainer(batch, size, device)
+def worker(variant: str, batch: int, size: int, steps: int, device: str, unet: str, checkpointing: bool) -> dict:
+    trainer, pairs = make_trainer(batch, size, device, unet, checkpointing)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = RSSSampler.rss_bytes()
@@ -169,6 +150,7 @@ def worker(variant: str, batch: int, size: int, steps: int, device: str) -> dict
     return {
         "variant": variant,
         "batch": batch,
+        "checkpointing": checkpointing,
         "steps_per_s": steps / wall,
         "pairs_per_s": steps * batch * GROUP / wall,
         "cpu_s": cpu,
@@ -178,72 +160,73 @@ def worker(variant: str, batch: int, size: int, steps: int, device: str) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16, 32])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batches", type=int, nargs="+", help="default 4 8 16 32 (--real-size: 4 16)")
+    parser.add_argument("--steps", type=int, help="timed steps per run, after a warm-up (default 5; --real-size 1)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default 64; --real-size 16)")
+    parser.add_argument("--real-size", action="store_true", help="the SD1.5 UNet at its real configuration")
+    parser.add_argument(
+        "--checkpointing", choices=["off", "on", "both"], help="gradient checkpointing (default off; --real-size both)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
-    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("VARIANT", "BATCH", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    real = args.real_size
+    args.batches = args.batches or ([4, 16] if real else [4, 8, 16, 32])
+    args.steps = args.steps or (1 if real else 5)
+    args.size = args.size or (16 if real else 64)
+    args.checkpointing = args.checkpointing or ("both" if real else "off")
+    unet = "sd15" if real else "tiny"
     torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.size, args.steps, args.device)))
+        variant, batch, checkpointing = args.worker[0], int(args.worker[1]), args.worker[2] == "on"
+        print(json.dumps(worker(variant, batch, args.size, args.steps, args.device, unet, checkpointing)))
         return
-    difference = check_same_loss(8, args.size, args.device)
-    print(f"loss check (B=8): |softalign - naive| = {difference:.2e}")
+    check_batch = min(args.batches) if real else 8  # the real UNet's check at the smallest batch keeps it short
+    difference = check_same_loss(check_batch, args.size, args.device, unet)
+    print(f"loss check (B={check_batch}): |softalign - naive| = {difference:.2e}")
     if difference > 1e-5:
         raise SystemExit("The two implementations disagree; not timing them.")
+    common = [f"--size={args.size}", f"--steps={args.steps}", f"--threads={args.threads}", f"--device={args.device}"]
+    common += ["--real-size"] if real else []
     rows = []
-    for batch in args.batches:
-        result = {}
-        for variant in ("naive", "softalign"):
-            command = [
-                sys.executable,
-                __file__,
-                "--worker",
-                variant,
-                str(batch),
-                "--steps",
-                str(args.steps),
-                "--size",
-                str(args.size),
-                "--threads",
-                str(args.threads),
-                "--device",
-                args.device,
-            ]
-            output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            result[variant] = json.loads(output.strip().splitlines()[-1])
-        rows.append(result)
+    for checkpointing in ("off", "on") if args.checkpointing == "both" else (args.checkpointing,):
+        for batch in args.batches:
+            result = {}
+            for variant in ("naive", "softalign"):
+                result[variant] = run_worker(__file__, [variant, str(batch), checkpointing], common, args.threads)
+            rows.append(result)
+    model = "SD1.5 UNet at its real configuration (random weights)" if real else "tiny SD1.5"
     print(
-        f"\nAGSM step, tiny SD1.5 at {args.size}x{args.size}, groups of {GROUP} (1 positive : 3 negatives), "
+        f"\nAGSM step, {model} at {args.size}x{args.size} px, groups of {GROUP} (1 positive : 3 negatives), "
         f"{args.steps} timed steps, {args.threads} threads, {args.device}, torch {torch.__version__}"
     )
     print(
-        "| B | naive pairs/s | softalign pairs/s | speedup | naive peak MB | softalign peak MB | naive CPU s | softalign CPU s |"
+        "| B | grad. ckpt | naive s/pair | softalign s/pair | speedup | naive peak MB | softalign peak MB "
+        "| naive CPU s | softalign CPU s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n, s = r["naive"], r["softalign"]
         print(
-            f"| {n['batch']} | {n['pairs_per_s']:.1f} | {s['pairs_per_s']:.1f} | {s['pairs_per_s'] / n['pairs_per_s']:.2f}x "
+            f"| {n['batch']} | {'on' if n['checkpointing'] else 'off'} | {1 / n['pairs_per_s']:.4f} "
+            f"| {1 / s['pairs_per_s']:.4f} | {s['pairs_per_s'] / n['pairs_per_s']:.2f}x "
             f"| {n['peak_mb']:.0f} | {s['peak_mb']:.0f} | {n['cpu_s']:.1f} | {s['cpu_s']:.1f} |"
         )
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(
-                {
-                    "loss_difference": difference,
-                    "rows": rows,
-                    "machine": platform.platform(),
-                    "device": args.device,
-                    "threads": args.threads,
-                    "size": args.size,
-                },
-                handle,
-                indent=2,
-            )
+        write_json(
+            args.json,
+            {
+                "loss_difference": difference,
+                "rows": rows,
+                "device": args.device,
+                "threads": args.threads,
+                "size": args.size,
+                "unet": unet,
+                "steps": args.steps,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class SoftTokenInjection:
         self._handles: list = []
         self._timesteps = None
         self._text_len = None
+        self._call_tokens = None  # the UNet tokens of the denoiser call in progress, shared by its blocks
         check_compatible(soft_tokens.config, denoiser)
         if not 0 <= default_bank < soft_tokens.n_banks:
             raise ValueError(f"default_bank must lie in [0, {soft_tokens.n_banks - 1}], got {default_bank}.")
@@ -105,6 +106,14 @@ class SoftTokenInjection:
             self._timesteps = _get_argument(args, kwargs, "timestep", timestep_index)
             context = _get_argument(args, kwargs, "encoder_hidden_states", context_index)
             self._text_len = None if context is None else context.shape[1]
+            # Every UNet block of one call gets the same tokens: build them once here (one bank lookup and timestep
+            # embedding per call, not per block). UNet blocks are no gradient-checkpointing regions themselves (the
+            # UNet checkpoints inside them), so no recomputation re-runs the block hooks; MMDiT blocks are such
+            # regions and keep building their tokens in their own hook.
+            self._call_tokens = None
+            if self.enabled and context is not None and self.soft_tokens.config.architecture == "unet":
+                self._call_tokens = self.soft_tokens(*self._rows(context.shape[0]))
+
             if not rope or context is None or not self.enabled:
                 return None
             if self._timesteps is not None:  # FLUX.1 is called with t / 1000 and scales it back inside; rounding
@@ -112,7 +121,11 @@ class SoftTokenInjection:
                 self._timesteps = (torch.as_tensor(self._timesteps).double() * 1000).round(decimals=3)
             return self._reserve_slots(args, kwargs, context, context_index, ids_index)
 
+        def forget_call_tokens(module, args, output):
+            self._call_tokens = None  # a block called on its own later must not see this call's tokens
+
         self._handles.append(self.denoiser.register_forward_pre_hook(read_denoiser_inputs, with_kwargs=True))
+        self._handles.append(self.denoiser.register_forward_hook(forget_call_tokens))
         for layer, block in self._target_blocks():
             self._handles.append(block.register_forward_pre_hook(self._block_hook(block, layer), with_kwargs=True))
         setattr(self.denoiser, _ATTRIBUTE, self)
@@ -123,7 +136,7 @@ class SoftTokenInjection:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._timesteps = self._text_len = None
+        self._timesteps = self._text_len = self._call_tokens = None
         if getattr(self.denoiser, _ATTRIBUTE, None) is self:
             delattr(self.denoiser, _ATTRIBUTE)
 
@@ -252,7 +265,10 @@ class SoftTokenInjection:
             if not enabled:
                 return None
             if config.architecture == "unet":
-                tokens = soft_tokens(banks, timesteps).to(context.device, context.dtype)
+                tokens = self._call_tokens
+                if tokens is None or tokens.shape[0] != context.shape[0]:  # a block called outside a denoiser call
+                    tokens = soft_tokens(banks, timesteps)
+                tokens = tokens.to(context.device, context.dtype)
                 context = torch.cat([context[:, :1], tokens, context[:, 1:]], dim=1)
             elif config.architecture == "mmdit_rope":  # overwrite the reserved slots with this layer's tokens
                 tokens = soft_tokens(banks, timesteps)[:, layer].to(context.device, context.dtype)
