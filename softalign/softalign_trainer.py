@@ -27,6 +27,7 @@ import torch
 from . import objectives
 from .alignment_term import AlignmentTerm, as_alignment_term  # noqa: F401 (re-exported)
 from .cache import EncodingCache
+from .checkpointing import enable_gradient_checkpointing
 from .data import as_examples, distinct_caption_order, shared_caption_warning
 from .families import backbone_for, freeze
 from .run_lock import RunLock
@@ -105,7 +106,7 @@ class SoftAlignTrainer:
             raise ValueError("AGSM needs soft tokens with two banks (psi+, psi-); these have one.")
         freeze(pipeline)
         if self.args.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
-            self.backbone.denoiser.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(self.backbone.denoiser)
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=agsm, ema=agsm)
         self.soft_tokens = soft_tokens
         self.peft_config = peft_config

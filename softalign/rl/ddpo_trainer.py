@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..checkpointing import enable_gradient_checkpointing
 from ..families import backbone_for, freeze, image_side
 from ..run_lock import RunLock
 from ..soft_tokens import SoftTokens
@@ -104,7 +105,7 @@ class DDPOTrainer:
             raise ValueError("DDPOTrainer needs parameters to train: soft_tokens and/or peft_config.")
         freeze(pipeline)
         if config.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
-            self.backbone.denoiser.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(self.backbone.denoiser)
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.soft_tokens = soft_tokens
         self.alongside = as_alignment_term(alongside)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import objectives
+from ..checkpointing import enable_gradient_checkpointing
 from ..data import check_caption, iterable_examples, preprocess
 from ..families import backbone_for, freeze, image_side
 from ..run_lock import RunLock
@@ -98,7 +99,7 @@ class DiffusionDPOTrainer:
         self.examples = preference_examples(train_dataset)  # validate before touching the pipeline
         freeze(pipeline)
         if self.args.gradient_checkpointing:  # the denoiser's own mechanism; soft-token hooks see positional calls too
-            self.backbone.denoiser.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(self.backbone.denoiser)
         self.trained = TrainedParameters(pipeline, soft_tokens, peft_config, two_banks=False, ema=False)
         self.reference_tokens = copy.deepcopy(soft_tokens).requires_grad_(False) if soft_tokens is not None else None
         self.soft_tokens, self.alongside = soft_tokens, as_alignment_term(alongside)
