@@ -17,9 +17,11 @@ import time
 
 import torch
 
-# Quiet workers: no progress bars or load-report lines between the tables (set before diffusers / tqdm load).
-for _name, _value in (("TQDM_DISABLE", "1"), ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
-    os.environ.setdefault(_name, _value)
+# Quiet workers: no progress bars or load-report lines between the tables (set before diffusers / tqdm load). Not
+# when the tests import these helpers: the test process's logging must stay as the other tests expect it.
+if "pytest" not in sys.modules:
+    for _name, _value in (("TQDM_DISABLE", "1"), ("DIFFUSERS_VERBOSITY", "error"), ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(_name, _value)
 
 
 # UNet sizes of the SD1.5 class (`UNet2DConditionModel` + CLIP text encoder, random weights): "tiny" is the test
