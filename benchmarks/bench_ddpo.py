@@ -71,14 +71,12 @@ def lora_config():
     return LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
 
 
-def trl_config(a, output_dir: str):
-    """trl's `DDPOConfig` for the settings `a` (shared by trl and the adapter)."""
-    from trl import DDPOConfig
-
-    return DDPOConfig(
+def shared_settings(a) -> dict:
+    """The DDPO settings every variant runs with (softalign's `DDPOConfig` takes trl's field names): one dict, so the
+    three variants cannot drift apart."""
+    return dict(
         num_epochs=1 + a.epochs,
         seed=0,
-        mixed_precision="no",
         sample_num_steps=a.steps,
         sample_eta=1.0,
         sample_guidance_scale=5.0,
@@ -88,6 +86,16 @@ def trl_config(a, output_dir: str):
         train_timestep_fraction=1.0,
         train_cfg=True,
         save_freq=10**6,  # no checkpoints inside the timed epochs
+    )
+
+
+def trl_config(a, output_dir: str):
+    """trl's `DDPOConfig` for the settings `a` (shared by trl and the adapter)."""
+    from trl import DDPOConfig
+
+    return DDPOConfig(
+        **shared_settings(a),
+        mixed_precision="no",
         logdir=str(Path(output_dir, "logs")),
         project_kwargs=dict(project_dir=str(Path(output_dir, "run"))),
         accelerator_kwargs={"cpu": True} if a.device == "cpu" else {},
@@ -103,20 +111,7 @@ def build(variant: str, path: str, a, output_dir: str):
 
         pipe = StableDiffusionPipeline.from_pretrained(path).to(a.device)
         pipe.set_progress_bar_config(disable=True)
-        config = DDPOConfig(
-            output_dir=output_dir,
-            num_epochs=1 + a.epochs,
-            seed=0,
-            sample_num_steps=a.steps,
-            sample_eta=1.0,
-            sample_guidance_scale=5.0,
-            sample_batch_size=a.sample_batch,
-            sample_num_batches_per_epoch=a.batches,
-            train_batch_size=a.train_batch,
-            train_timestep_fraction=1.0,
-            train_cfg=True,
-            save_freq=10**6,
-        )
+        config = DDPOConfig(output_dir=output_dir, **shared_settings(a))
         return DDPOTrainer(config, reward_fn, prompt_fn, pipe, peft_config=lora_config())
     from trl import DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 

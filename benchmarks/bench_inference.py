@@ -122,11 +122,7 @@ def main() -> None:
         f"\nsoft-token inference overhead: {args.family}, {args.size}x{args.size}, {args.steps} steps, "
         f"{len(PROMPTS)} prompts, CFG on, {args.threads} threads, {args.device}, {args.repeats} repeats, torch {torch.__version__}"
     )
-    print("| variant | median wall s | min wall s | CPU s (all repeats) |")
-    print("|---|---|---|---|")
-    for name in times:
-        print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | {cpu[name]:.2f} |")
-    print(f"\noverhead ratio (median soft tokens / median base): {ratio:.4f}  ({(ratio - 1) * 100:+.2f}%)")
+    print_overhead_table(times, cpu, ratio)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
@@ -148,6 +144,15 @@ def main() -> None:
             )
 
 
+def print_overhead_table(times: dict, cpu: dict, ratio: float) -> None:
+    """The with / without tokens table and the overhead ratio, as both modes print them."""
+    print("| variant | median wall s | min wall s | CPU s (all repeats) |")
+    print("|---|---|---|---|")
+    for name in times:
+        print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | {cpu[name]:.2f} |")
+    print(f"\noverhead ratio (median soft tokens / median base): {ratio:.4f}  ({(ratio - 1) * 100:+.2f}%)")
+
+
 def report_real_size(args) -> None:
     """Print and save the `--real-size` table."""
     result = real_size_calls(args)
@@ -159,11 +164,7 @@ def report_real_size(args) -> None:
         f"77-token context, {args.threads} threads, {args.device}, {args.repeats} interleaved repeats, "
         f"torch {torch.__version__}"
     )
-    print("| variant | median wall s | min wall s | CPU s (all repeats) |")
-    print("|---|---|---|---|")
-    for name in times:
-        print(f"| {name} | {statistics.median(times[name]):.4f} | {min(times[name]):.4f} | {cpu[name]:.2f} |")
-    print(f"\noverhead ratio (median soft tokens / median base): {ratio:.4f}  ({(ratio - 1) * 100:+.2f}%)")
+    print_overhead_table(times, cpu, ratio)
     if args.json:
         payload = {
             "mode": "real-size",
