@@ -370,7 +370,10 @@ def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
             snapshot.update(optimizer=optimizer.state_dict(), step=step, elapsed=time.time() - start)
             save_state(path, snapshot)
         if step % args.export_every == 0 or step == args.steps:
-            export(args, ema, frozen, out, card_of(args, step, time.time() - start, run_dir))
+            card = card_of(args, step, time.time() - start, run_dir)
+            export(args, ema, frozen, out, card)
+            if args.keep_exports:  # a curve over the run's exports needs each one, not only the latest
+                export(args, ema, frozen, Path(args.keep_exports) / f"step-{step:06d}", card)
             exported = step
     if exported != step:  # a finished run re-run: write its export again (e.g. after a change of export format)
         export(args, ema, frozen, out, card_of(args, step, elapsed, run_dir))
@@ -435,6 +438,7 @@ def main():
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--export-every", type=int, default=500)
+    parser.add_argument("--keep-exports", help="Also write each export to KEEP_EXPORTS/step-<k> (for curves).")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
