@@ -113,6 +113,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_names(runs: list[str]) -> list[str]:
+    """Column names for run directories: the folder's name, or as much of its path as tells it from the others.
+
+    Curves write `.../eval/step-001000` for every run, so two curves' points share a folder name; keying the table by
+    it would silently drop one of them.
+    """
+    from pathlib import Path
+
+    parts = [Path(run).resolve().parts for run in runs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"compare: the same run directory is given twice: {runs}")
+
+
 def _compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -120,13 +136,14 @@ def _compare(args: argparse.Namespace) -> int:
     from .eval.report import compare
     from .eval.summary import read_results_jsonl
 
+    names = run_names(args.runs)
     summaries = {}
-    for run in args.runs:
+    for name, run in zip(names, args.runs, strict=True):
         path = Path(run) / "summary.json"
         if not path.is_file():
             raise FileNotFoundError(f"{run} has no summary.json (expected a `softalign eval` output directory).")
-        summaries[Path(run).name] = json.loads(path.read_text())
-    paired = None
+        summaries[name] = json.loads(path.read_text())
+    paired = previous = None
     if all((Path(run) / "results.jsonl").is_file() for run in args.runs):
         seeds = {
             json.loads((Path(run) / "run.json").read_text()).get("seed")
@@ -136,12 +153,18 @@ def _compare(args: argparse.Namespace) -> int:
         if len(seeds) > 1:
             print(f"not paired: the runs used different seeds {sorted(map(str, seeds))}; showing intervals only")
         else:
-            base = read_results_jsonl(Path(args.runs[0]) / "results.jsonl")
-            paired = {
-                Path(run).name: paired_tests(base, read_results_jsonl(Path(run) / "results.jsonl"))
-                for run in args.runs[1:]
-            }
-    table = compare(summaries, paired)
+            rows = [read_results_jsonl(Path(run) / "results.jsonl") for run in args.runs]
+            paired = {name: paired_tests(rows[0], run_rows) for name, run_rows in zip(names[1:], rows[1:], strict=True)}
+            if args.previous:
+                previous = {
+                    name: paired_tests(before, after)
+                    for name, before, after in zip(names[2:], rows[1:-1], rows[2:], strict=True)
+                }
+    elif args.previous:
+        print(
+            "--previous: every run needs results.jsonl (per-image verdicts) for a paired test; showing intervals only"
+        )
+    table = compare(summaries, paired, previous)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")
@@ -210,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     comparison = commands.add_parser("compare", help="Put `softalign eval` runs side by side.")
     comparison.add_argument("runs", nargs="+", help="Run directories; the first is the baseline.")
     comparison.add_argument("--out", help="Also write the Markdown table here.")
+    comparison.add_argument(
+        "--previous",
+        action="store_true",
+        help="Also test each run against the one before it (rows that build on each other: base, stage 1, stage 2).",
+    )
     comparison.set_defaults(handler=_compare)
     return parser
 

@@ -69,3 +69,31 @@ def test_cli_compare_pairs_runs_with_the_same_seed(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "agsm")]) == 0
     out = capsys.readouterr().out
     assert "0.008 (0/8)" in out  # 2 / 256 = 0.0078
+
+
+def test_cli_compare_tests_each_run_against_the_one_before(tmp_path, capsys):
+    from softalign.cli import main
+
+    plans = {
+        "base": [False] * 10,
+        "stage1": [True] * 4 + [False] * 6,  # 4 more right than base
+        "stage2": [True] * 10,  # 6 more right than stage 1, 10 more than base
+    }
+    runs = []
+    for name, verdicts in plans.items():
+        rows = _rows([("counting", v) for v in verdicts])
+        run = tmp_path / "curve" / name / "eval" / "step-001000"  # the same folder name for every run
+        run.mkdir(parents=True)
+        write_results_jsonl(rows, run / "results.jsonl")
+        (run / "summary.json").write_text(json.dumps(summarize(rows)))
+        (run / "run.json").write_text(json.dumps({"seed": 1234}))
+        runs.append(str(run))
+    assert main(["compare", *runs, "--previous"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert "stage1/eval/step-001000" in header and "stage2/eval/step-001000" in header  # no run dropped
+    assert header.count("p vs previous") == 1  # the second run has no run before it but the base
+    counting = next(line for line in out.splitlines() if line.startswith("| counting"))
+    assert "0.002 (0/10)" in counting  # stage 2 against base: 2 / 1024
+    assert "0.031 (0/6)" in counting  # stage 2 against stage 1: 2 / 64
+    assert "0.125 (0/4)" in counting  # stage 1 against base: 2 / 16

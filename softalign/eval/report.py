@@ -110,7 +110,11 @@ def _change(base: float | None, value: float | None) -> tuple[str, str]:
     return points, relative
 
 
-def compare(summaries: Mapping[str, Mapping], paired: Mapping[str, Mapping] | None = None) -> str:
+def compare(
+    summaries: Mapping[str, Mapping],
+    paired: Mapping[str, Mapping] | None = None,
+    previous: Mapping[str, Mapping] | None = None,
+) -> str:
     """Markdown table of several runs' [`summarize`] results side by side.
 
     The first run is the baseline; every later run gets its accuracy, the change in absolute percentage points
@@ -120,6 +124,8 @@ def compare(summaries: Mapping[str, Mapping], paired: Mapping[str, Mapping] | No
         summaries (`Mapping[str, Mapping]`): run name -> summary, in display order.
         paired (`Mapping[str, Mapping]`, *optional*): run name -> [`paired_tests`] of the baseline's rows against
             that run's (same prompts and seeds); adds McNemar's exact p-value beside each change.
+        previous (`Mapping[str, Mapping]`, *optional*): run name -> [`paired_tests`] of the run before it against
+            that run; adds a "p vs previous" column, for tables whose rows build on each other (base, stage 1, stage 2).
     """
     if not summaries:
         raise ValueError("compare: summaries is empty; expected {run name: summarize(rows)} for at least one run")
@@ -128,6 +134,7 @@ def compare(summaries: Mapping[str, Mapping], paired: Mapping[str, Mapping] | No
     header = ["tag", names[0]]
     for name in names[1:]:
         header += [name, "Δ pts", "Δ rel"] + (["p (McNemar)"] if paired and name in paired else [])
+        header += ["p vs previous"] if previous and name in previous else []
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
 
     def accuracy(summary: Mapping, tag: str | None) -> float | None:
@@ -144,12 +151,19 @@ def compare(summaries: Mapping[str, Mapping], paired: Mapping[str, Mapping] | No
             if paired and name in paired:
                 test = paired[name].get("all" if tag is None else tag)
                 cells.append("–" if test is None else _p_value(test))
+            if previous and name in previous:
+                test = previous[name].get("all" if tag is None else tag)
+                cells.append("–" if test is None else _p_value(test))
         lines.append("| " + " | ".join(cells) + " |")
     if paired:
         lines += [
             "",
             "p: McNemar's exact test on the per-image verdicts against the first run (same prompts and seeds); "
             "on the overall row, over all images pooled.",
+        ]
+    if previous:
+        lines += [
+            "p vs previous: the same test against the run in the column before (discordant counts: only that run / only this one)."
         ]
     return "\n".join(lines)
 
