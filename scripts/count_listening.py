@@ -9,7 +9,9 @@ noised at a few timesteps, and the denoiser predicts the noise under each counti
 for k' in the training counts 2-5, with the same noise for every caption. The caption with the lowest error is the
 model's own guess of the count: the diffusion classifier of Li et al. (ICCV 2023), and the implicit reward AGSM's
 target is tilted by. Reported per timestep and pooled: how often that guess is right (chance is 1 / 4) and the mean
-error margin between the best wrong caption and the right one (positive: the right caption explains the image better).
+error margin between the best wrong caption and the right one (positive: the right caption explains the image better),
+and the *caption effect*: the variance of the prediction across the four captions as a share of its squared error.
+AGSM's guidance direction is `pred_j - sum_k w_k pred_k`, so its push on count words is proportional to that spread.
 
 A model that ignores count words sits at chance whatever it draws; a stage that teaches it to listen moves this
 number without sampling a single image, and in seconds rather than the minutes a GenEval run takes. It separates
@@ -51,6 +53,7 @@ def listening(backbone, split: str, images_per_prompt: int, timesteps: list[int]
     rng = np.random.default_rng(seed)
     right = {t: [] for t in timesteps}
     margins = {t: [] for t in timesteps}
+    effects = {t: [] for t in timesteps}
     per_count: dict[int, list[bool]] = {}
     generator = torch.Generator().manual_seed(seed)
     for line in lines:
@@ -65,17 +68,22 @@ def listening(backbone, split: str, images_per_prompt: int, timesteps: list[int]
             steps = torch.full((len(x0),), t, dtype=torch.long)
             noisy = backbone.add_noise(x0, noise, steps)
             target = backbone.training_target(x0, noise, steps)
-            errors = []
+            predictions = []
             with torch.no_grad():
                 for j in range(len(counts)):
                     rows = {
                         key: value[j : j + 1].expand(len(x0), *value.shape[1:]) for key, value in conditioning.items()
                     }
-                    prediction = backbone.predict(noisy, steps, rows)
-                    errors.append(((prediction.float() - target) ** 2).mean(dim=(1, 2, 3)))
-            hits, gaps = score_candidates(torch.stack(errors, dim=1), counts.index(count))
+                    predictions.append(backbone.predict(noisy, steps, rows).float())
+            predictions = torch.stack(predictions)  # (candidates, images, C, H, W)
+            errors = ((predictions - target) ** 2).mean(dim=(2, 3, 4)).T  # (images, candidates)
+            hits, gaps = score_candidates(errors, counts.index(count))
             right[t] += hits
             margins[t] += gaps
+            # AGSM's guidance direction is pred_j - sum_k w_k pred_k: how far the count word moves the prediction,
+            # as a share of the prediction's own error. Near 0, there is no direction for AGSM to amplify.
+            spread = ((predictions - predictions.mean(dim=0)) ** 2).mean(dim=(0, 2, 3, 4))
+            effects[t].append((spread.mean() / errors.mean()).item())
             per_count.setdefault(count, []).extend(hits)
     pooled = [v for t in timesteps for v in right[t]]
     return {
@@ -85,8 +93,14 @@ def listening(backbone, split: str, images_per_prompt: int, timesteps: list[int]
         "accuracy": float(np.mean(pooled)),
         "n": len(pooled),
         "margin": float(np.mean([m for t in timesteps for m in margins[t]])),
+        "caption_effect": float(np.mean([e for t in timesteps for e in effects[t]])),
         "per_timestep": {
-            str(t): {"accuracy": float(np.mean(right[t])), "margin": float(np.mean(margins[t]))} for t in timesteps
+            str(t): {
+                "accuracy": float(np.mean(right[t])),
+                "margin": float(np.mean(margins[t])),
+                "caption_effect": float(np.mean(effects[t])),
+            }
+            for t in timesteps
         },
         "per_count": {str(k): float(np.mean(v)) for k, v in sorted(per_count.items())},
     }

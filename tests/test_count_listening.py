@@ -36,3 +36,4 @@ def test_a_model_that_cannot_read_the_caption_is_at_the_floor():
     assert result["per_count"] == {"2": 1.0, "3": 0.0, "4": 0.0}
     assert result["accuracy"] == pytest.approx(3 / 9)
     assert result["n"] == 9 * 2 and result["margin"] == 0.0
+    assert result["caption_effect"] == 0.0  # the four captions give the same prediction: nothing to amplify
