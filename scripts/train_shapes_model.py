@@ -311,7 +311,14 @@ _LEGACY_EMA_NAMES = {"ema_text": "ema_text_encoder"}  # the first sd15 run's sta
 def train_denoiser(args, trained: dict, frozen: dict, run_dir: Path, out: Path):
     path = run_dir / "t2i-state.pt"
     state = load_state(path)
-    params = [p for module in trained.values() for p in module.parameters()]
+    # --train-only: the other components stay as loaded (a diagnostic fine-tune: is it the text encoder or the
+    # denoiser that must change?); their EMA copies then stay equal to them.
+    chosen = set(args.train_only.split(",")) if args.train_only else set(trained)
+    if chosen - set(trained):
+        raise ValueError(f"--train-only {args.train_only!r}: expected components among {sorted(trained)}")
+    for name, module in trained.items():
+        module.requires_grad_(name in chosen)
+    params = [p for name, module in trained.items() if name in chosen for p in module.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = {name: copy.deepcopy(module).requires_grad_(False) for name, module in trained.items()}
     step, elapsed = 0, 0.0
@@ -438,6 +445,9 @@ def main():
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--export-every", type=int, default=500)
+    parser.add_argument(
+        "--train-only", help="Comma-separated components to train (e.g. unet, text_encoder); default: all of them."
+    )
     parser.add_argument("--keep-exports", help="Also write each export to KEEP_EXPORTS/step-<k> (for curves).")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
