@@ -120,14 +120,11 @@ def main() -> None:
     args = parser.parse_args()
     from softalign import load_pipeline
     from softalign.families import backbone_for
-    from softalign.loaders import load_lora, load_soft_tokens
+    from softalign.loaders import load_adapters
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    if args.soft_tokens:
-        load_soft_tokens(pipe, args.soft_tokens)
-    if args.lora:
-        load_lora(pipe, args.lora)
+    load_adapters(pipe, args.soft_tokens, args.lora)
     timesteps = [int(t) for t in args.timesteps.split(",")]
     result = listening(backbone_for(pipe), args.split, args.images_per_prompt, timesteps, args.seed)
     result.update(model=args.model, soft_tokens=args.soft_tokens, lora=args.lora, seed=args.seed)

@@ -75,16 +75,13 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval.metadata import load_metadata
     from .eval.run import run_evaluation
     from .eval.summary import format_summary
-    from .loaders import load_lora, load_soft_tokens
+    from .loaders import load_adapters
     from .shapes.detector import ShapesDetector
     from .shapes.prompts import evaluation_metadata
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    if args.soft_tokens:
-        load_soft_tokens(pipe, args.soft_tokens)
-    if args.lora:
-        load_lora(pipe, args.lora)
+    load_adapters(pipe, args.soft_tokens, args.lora)
     if args.metadata:
         plan = [(line, args.images_per_prompt or 4) for line in load_metadata(args.metadata)]
     elif args.images_per_prompt:

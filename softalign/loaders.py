@@ -147,6 +147,16 @@ def load_lora(pipe, path: str | os.PathLike, adapter_name: str = "softalign") ->
     return adapter_name
 
 
+def load_adapters(pipe, soft_tokens: str | os.PathLike | None = None, lora: str | os.PathLike | None = None):
+    """Load the adapters a run produced into `pipe`: soft tokens first, then a LoRA (either may be None). The one place
+    the command lines (`softalign eval`, the diagnostics under `scripts/`) attach what they were given."""
+    if soft_tokens:
+        load_soft_tokens(pipe, soft_tokens)
+    if lora:
+        load_lora(pipe, lora)
+    return pipe
+
+
 def load_pipeline(path: str | os.PathLike):
     """A diffusers pipeline from a local directory, never downloading (components saved as null, e.g. an SD3
     pipeline without T5, are passed as `None` as diffusers wants), with its progress bar off.

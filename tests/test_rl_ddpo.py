@@ -210,7 +210,7 @@ def test_image_hook_runs_without_a_tracker_and_stat_tracking(tmp_path):
 
 
 def test_save_model_then_load_reproduces_the_trained_pipeline(tmp_path):
-    from softalign.loaders import load_lora, load_soft_tokens
+    from softalign.loaders import load_adapters, load_lora
 
     pipe = tiny_pipeline("sd15")
     trainer = DDPOTrainer(
@@ -225,8 +225,7 @@ def test_save_model_then_load_reproduces_the_trained_pipeline(tmp_path):
     adapter = trainer.save_model()
     assert adapter == tmp_path / "ddpo" / "adapter"
     fresh = tiny_pipeline("sd15")
-    load_soft_tokens(fresh, adapter)
-    load_lora(fresh, tmp_path / "ddpo" / "lora" / "softalign")
+    load_adapters(fresh, soft_tokens=adapter, lora=tmp_path / "ddpo" / "lora" / "softalign")  # what the CLIs call
     kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="pt")
     trained = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     loaded = fresh("a photo of a cat", generator=torch.Generator().manual_seed(0), **kwargs).images

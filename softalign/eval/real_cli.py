@@ -137,17 +137,14 @@ def run_real_eval(args: argparse.Namespace, load_pipeline) -> int:
             raise ValueError(
                 "generating needs --model (a local diffusers pipeline) and --metadata (GenEval's file) or --captions"
             )
-        from ..loaders import load_lora, load_soft_tokens
+        from ..loaders import load_adapters
         from .coco import GENEVAL_CLASSES
         from .detections import COLORS
 
         pipe = load_pipeline(args.model)
         if args.device:
             pipe.to(args.device)
-        if args.soft_tokens:
-            load_soft_tokens(pipe, args.soft_tokens)
-        if args.lora:
-            load_lora(pipe, args.lora)
+        load_adapters(pipe, args.soft_tokens, args.lora)
         if args.captions:
             metadata = [{"prompt": caption} for caption in load_captions(args.captions)]
         else:
