@@ -41,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--negatives", type=int, default=3, help="Negatives per positive (the papers: 3).")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999, help="AGSM's EMA tokens (see the docstring).")
-    parser.add_argument("--train-lora", action="store_true", help="Train a rank-4 LoRA instead of soft tokens.")
+    parser.add_argument("--train-lora", action="store_true", help="Train a LoRA instead of soft tokens.")
+    parser.add_argument("--lora-rank", type=int, default=4, help="With --train-lora: the LoRA's rank.")
     parser.add_argument(
         "--count-groups",
         type=float,
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
                 cache_dir=str(out / "cache"),
                 keep_groups=args.count_groups > 0,  # a count group's negatives are its own other counts
             )
-            peft = lora_config() if args.train_lora else None
+            peft = lora_config(args.lora_rank) if args.train_lora else None
             trainer = SoftAlignTrainer(pipe, config, data, peft_config=peft, callbacks=[StopAt(target)])
             trainer.train()
             if trainer.state.global_step != target:
