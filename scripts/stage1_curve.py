@@ -9,8 +9,9 @@ to an uninterrupted run: one schedule over `--max-steps`, stopped at each evalua
 evaluation already written. Each evaluation point `k` leaves `OUT/adapters/step-<k>/` (`adapter/`, `lora/<name>/`) and
 `OUT/eval/step-<k>/` (GenEval's `results.jsonl`, `summary.json`, `report.md`, `grid.png`; the same prompts and seeds
 at every point, so neighbouring points can be compared with `softalign compare`). `OUT/curve.json` and
-`OUT/curve.png` hold accuracy and the over-count rate per tag against steps. Every run directory is keyed: an
-evaluation whose `run.json` names another model, adapter or sampler is refused, never overwritten.
+`OUT/curve.png` hold accuracy and the over-count rate per tag against steps, from step 0 (the base model, scored
+once into `OUT/eval/step-000000`). Every run directory is keyed: an evaluation whose `run.json` names another model,
+adapter or sampler is refused, never overwritten.
 
 Data: the curated post-training set (clean captions of the training split, `softalign.shapes.pairs.shapes_pairs`),
 groups of 1 positive and `--negatives` negatives; the family's paper defaults for everything not given here.
@@ -108,7 +109,7 @@ def evaluate(pipe, args, out: Path, key: dict) -> dict:
         seed=args.eval_seed,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
-        title=f"{args.objective} step {key['step']}",
+        title=f"{args.objective} step {key['step']}" if key["step"] else "base (step 0)",
         progress=False,
     )
     run = json.loads((out / "run.json").read_text())
@@ -140,7 +141,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = shapes_pairs(args.images, args.seed, args.count_groups, group=args.negatives + 1)
-    points = []
+    sampler = f"ddim {args.steps} steps, cfg {args.guidance_scale}"
+    # Step 0 is the base model on the same plan: every curve starts from it, and `softalign compare` pairs it with
+    # any later point.
+    base_key = {"model": str(args.model), "adapter": None, "step": 0, "seed": args.eval_seed, "sampler": sampler}
+    base_dir = out / "eval" / "step-000000"
+    evaluate(None if (base_dir / "summary.json").is_file() else load_pipeline(args.model), args, base_dir, base_key)
+    points = [point_of(base_dir, 0)]
     for target in range(args.eval_every, args.max_steps + 1, args.eval_every):
         saved = out / "adapters" / f"step-{target:06d}"  # adapter/ (tokens) and lora/<name>/
         pipe = None
@@ -179,7 +186,7 @@ def main(argv=None) -> int:
             "adapter": sha256_of(saved),
             "step": target,
             "seed": args.eval_seed,
-            "sampler": f"ddim {args.steps} steps, cfg {args.guidance_scale}",
+            "sampler": sampler,
         }
         evaluate(pipe, args, eval_dir, key)
         points.append(point_of(eval_dir, target))

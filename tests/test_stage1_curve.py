@@ -34,7 +34,7 @@ def test_a_curve_stopped_at_each_point_ends_where_one_uninterrupted_run_ends(mod
     _run(model, tmp_path / "stopped", 1, "--count-groups", "0.5")
     _run(model, tmp_path / "whole", 2, "--count-groups", "0.5")
     curve = json.loads((tmp_path / "stopped" / "curve.json").read_text())
-    assert [point["step"] for point in curve["points"]] == [1, 2]
+    assert [point["step"] for point in curve["points"]] == [0, 1, 2]  # step 0: the base, on the same plan
     assert all("counting" in point and "over_count_rate" in point for point in curve["points"])
     tokens = Path("adapters", "step-000002", "adapter", "adapter_model.safetensors")
     stopped, whole = (load_file(tmp_path / run / tokens) for run in ("stopped", "whole"))
