@@ -296,6 +296,13 @@ def init_from_export(args, trained: dict, ema: dict, run_dir: Path) -> tuple[int
     for name, module in trained.items():
         module.load_state_dict(getattr(exported, name).state_dict())
         ema[name].load_state_dict(getattr(exported, name).state_dict())
+    if args.text_encoders_from:  # e.g. the v1 encoders, which still tell count words apart, under a v2 denoiser
+        donor = DiffusionPipeline.from_pretrained(args.text_encoders_from, local_files_only=True)
+        for name in (name for name in trained if name.startswith("text_encoder")):
+            if getattr(donor, name, None) is None:
+                raise ValueError(f"--text-encoders-from {args.text_encoders_from}: it has no {name}")
+            trained[name].load_state_dict(getattr(donor, name).state_dict())
+            ema[name].load_state_dict(getattr(donor, name).state_dict())
     card = json.loads((Path(args.init_from) / "training.json").read_text())
     (run_dir / "init.json").write_text(json.dumps({"path": str(args.init_from), **card}, indent=2) + "\n")
     if args.restart_schedule:
@@ -403,7 +410,10 @@ def card_of(args, step: int, seconds: float, run_dir: Path) -> dict:
         "lr": args.lr,
         "ema": args.ema,
         "seed": args.seed,
+        "trained_components": args.train_only.split(",") if args.train_only else "all",
     }
+    if args.text_encoders_from:
+        card["text_encoders_from"] = str(args.text_encoders_from)
     if (run_dir / "init.json").exists():
         card["initialised_from"] = json.loads((run_dir / "init.json").read_text())
     return card
@@ -416,6 +426,10 @@ def main():
     parser.add_argument("--out", default="models/shapes-sd15")
     parser.add_argument("--vae-from", help="Reuse a trained VAE state (vae-state.pt) instead of training one.")
     parser.add_argument("--init-from", help="An exported model to continue from when the run directory is empty.")
+    parser.add_argument(
+        "--text-encoders-from",
+        help="With --init-from: take the text encoders from this other export (the rest from --init-from).",
+    )
     parser.add_argument(
         "--restart-schedule", action="store_true", help="With --init-from: count steps (and the lr schedule) from 0."
     )
