@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ema-decay", type=float, default=0.999, help="AGSM's EMA tokens (see the docstring).")
     parser.add_argument("--train-lora", action="store_true", help="Train a LoRA instead of soft tokens.")
     parser.add_argument("--lora-rank", type=int, default=4, help="With --train-lora: the LoRA's rank.")
+    parser.add_argument("--n-tokens", type=int, help="Soft tokens per bank (default: the family's, 4).")
+    parser.add_argument(
+        "--unet-blocks", help="UNet block groups that see the tokens, e.g. down,mid,up (default: the objective's)."
+    )
     parser.add_argument(
         "--count-groups",
         type=float,
@@ -170,7 +174,9 @@ def main(argv=None) -> int:
                 keep_groups=args.count_groups > 0,  # a count group's negatives are its own other counts
             )
             peft = lora_config(args.lora_rank) if args.train_lora else None
-            trainer = SoftAlignTrainer(pipe, config, data, peft_config=peft, callbacks=[StopAt(target)])
+            trainer = SoftAlignTrainer(
+                pipe, config, data, soft_tokens=tokens_for(pipe, args), peft_config=peft, callbacks=[StopAt(target)]
+            )
             trainer.train()
             if trainer.state.global_step != target:
                 raise RuntimeError(f"training stopped at step {trainer.state.global_step}, expected {target}")
@@ -198,6 +204,20 @@ def main(argv=None) -> int:
         plot_curves(curves, out / "curve.png")
         print(json.dumps(points[-1]), flush=True)
     return 0
+
+
+def tokens_for(pipe, args):
+    """Soft tokens of another capacity or placement than the family's (`--n-tokens`, `--unet-blocks`), else None
+    (the trainer then makes the family's own, as it always has)."""
+    from softalign import SoftTokens
+
+    if args.train_lora or (args.n_tokens is None and args.unet_blocks is None):
+        return None
+    overrides = {"n_tokens": args.n_tokens} if args.n_tokens is not None else {}
+    if args.unet_blocks is not None:
+        overrides["unet_blocks"] = args.unet_blocks.split(",")
+    torch.manual_seed(args.seed)  # the trainer seeds its own tokens the same way
+    return SoftTokens.for_pipeline(pipe, objective=args.objective, **overrides)
 
 
 def load_trained(pipe, saved: Path) -> None:

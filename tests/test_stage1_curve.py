@@ -55,3 +55,9 @@ def test_an_evaluation_written_for_another_adapter_is_refused(model, tmp_path):
     run_json.write_text(json.dumps(run))
     with pytest.raises(Exception, match="adapter|key|refus"):
         _run(model, tmp_path / "run", 2)
+
+
+def test_tokens_of_another_capacity_and_placement_are_trained_and_saved(model, tmp_path):
+    _run(model, tmp_path / "run", 2, "--n-tokens", "8", "--unet-blocks", "down,mid,up")
+    config = json.loads((tmp_path / "run" / "adapters" / "step-000002" / "adapter" / "adapter_config.json").read_text())
+    assert config["n_tokens"] == 8 and config["unet_blocks"] == ["down", "mid", "up"]
