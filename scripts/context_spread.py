@@ -14,8 +14,6 @@ a model that reads shapes but not counts has a count / shape ratio near 0. Measu
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
@@ -46,6 +44,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="Also write the result here (JSON).")
     args = parser.parse_args()
+    from count_listening import print_and_write
+
     from softalign import load_pipeline
     from softalign.families import backbone_for
 
@@ -53,11 +53,7 @@ def main() -> None:
     backbone = backbone_for(load_pipeline(args.model))
     result = context_spreads(lambda captions: backbone.encode_prompts(captions)["prompt_embeds"])
     result["model"] = args.model
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    print_and_write(result, args.out)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ def listening(backbone, split: str, images_per_prompt: int, timesteps: list[int]
     }
 
 
+def print_and_write(result: dict, out: str | None) -> None:
+    """Print a diagnostic's result as JSON and, with `out`, also write it there (the scripts' shared output)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/shapes-sd15")
@@ -128,11 +137,7 @@ def main() -> None:
     timesteps = [int(t) for t in args.timesteps.split(",")]
     result = listening(backbone_for(pipe), args.split, args.images_per_prompt, timesteps, args.seed)
     result.update(model=args.model, soft_tokens=args.soft_tokens, lora=args.lora, seed=args.seed)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    print_and_write(result, args.out)
 
 
 if __name__ == "__main__":
