@@ -43,6 +43,11 @@ def parse_args(argv=None):
         help="Stage 2 also trains a LoRA (rank 4) beside the tokens; DDPO on the 4 tokens alone barely moves counting.",
     )
     parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument(
+        "--stage1-from",
+        help="A soft-token adapter directory (e.g. a shipped one under models/<model>/adapters/) to start stage 2 "
+        "from instead of training stage 1; it is evaluated as the stage-1 row.",
+    )
     parser.add_argument("--stage1-images", type=int, default=512, help="Shapes renders for stage 1.")
     parser.add_argument(
         "--count-groups",
@@ -219,7 +224,7 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    from softalign import SoftAlignConfig, SoftAlignTrainer, load_pipeline, save_soft_tokens
+    from softalign import SoftAlignConfig, SoftAlignTrainer, SoftTokens, load_pipeline, save_soft_tokens
     from softalign.curves import plot_curves
     from softalign.eval.report import compare
     from softalign.families import image_side
@@ -235,6 +240,7 @@ def main(argv=None) -> int:
     # accelerate's state, so that on CPU the gloo group is formed.
     accelerator = make_accelerator("no", str(out))
     pipe = load_pipeline(args.model)
+    loaded = SoftTokens.from_pretrained(args.stage1_from) if args.stage1_from else None  # before any evaluation
     detector = ShapesDetector.load()
 
     def evaluate_once(name: str) -> dict | None:
@@ -248,7 +254,10 @@ def main(argv=None) -> int:
     else:
         summaries["base"] = evaluate_once("base")
 
-    print(f"\n== stage 1: {args.objective} soft tokens, {args.stage1_steps} steps", flush=True)
+    if loaded is None:
+        print(f"\n== stage 1: {args.objective} soft tokens, {args.stage1_steps} steps", flush=True)
+    else:
+        print(f"\n== stage 1: {args.objective} soft tokens loaded from {args.stage1_from} (not trained)", flush=True)
     stage1_config = configured(
         SoftAlignConfig,
         args.softalign_overrides,
@@ -267,15 +276,16 @@ def main(argv=None) -> int:
     )
     group = stage1_config.negatives_per_positive + 1
     data = args.data or shapes_pairs(args.stage1_images, args.seed, args.count_groups, group)
-    stage1 = SoftAlignTrainer(pipe, stage1_config, data)
-    stage1.train()
+    # Loaded tokens still get a stage-1 trainer: it attaches them, and `--alongside` needs its objective.
+    stage1 = SoftAlignTrainer(pipe, stage1_config, data, soft_tokens=loaded)
+    if loaded is None:
+        stage1.train()
     tokens = stage1.soft_tokens
     if accelerator.is_main_process:
         save_soft_tokens(tokens, out / "adapter-stage1")
     summaries["stage1"] = evaluate_once("stage1")
-    curves = {
-        f"stage 1 {args.objective} loss": [{"step": r["step"], "value": r["loss"]} for r in stage1.state.log_history]
-    }
+    stage1_loss = [{"step": r["step"], "value": r["loss"]} for r in stage1.state.log_history if "loss" in r]
+    curves = {f"stage 1 {args.objective} loss": stage1_loss} if stage1_loss else {}
     if args.stage2 != "none":
         print(f"\n== stage 2: {args.stage2} on the same soft tokens", flush=True)
         trainer, points, label = stage2(pipe, args, tokens, stage1, detector)
@@ -299,6 +309,7 @@ def main(argv=None) -> int:
         f"held-out shapes split, {images_per}, seed 1234, "
         f"{args.sample_steps} steps, CFG {args.guidance_scale}; {minutes:.1f} minutes.",
         "",
+        *([f"Stage 1 was not trained here: its tokens are `{args.stage1_from}`.", ""] if args.stage1_from else []),
         table,
         "",
         *neighbour_lines(out, summaries),

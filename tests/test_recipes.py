@@ -210,3 +210,44 @@ def test_diffusion_dpo_recipe_keeps_the_lora_and_inits_tokens_as_their_config_sa
         values = tokens.tokens.detach()  # one BOS state for every token of a bank, moved a little by training
         spread = (values - values[:, :1]).abs().max().item()
         assert spread < 5e-3, (run, spread)  # normal(0, 0.02) tokens differ by ~0.05 or more
+
+
+def test_flagship_can_start_stage_2_from_a_saved_stage_1_adapter(tmp_path):
+    import softalign_then_ddpo as recipe
+    from safetensors.torch import load_file
+
+    from softalign import SoftTokens, save_soft_tokens
+    from softalign.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    pipe.save_pretrained(tmp_path / "model")
+    tokens = SoftTokens.for_pipeline(pipe, objective="agsm")
+    save_soft_tokens(tokens, tmp_path / "adapter")
+    argv = [
+        "--model",
+        str(tmp_path / "model"),
+        "--out",
+        str(tmp_path / "run"),
+        "--stage1-from",
+        str(tmp_path / "adapter"),
+    ]
+    argv += ["--stage2", "none", "--stage1-images", "16", "--eval-images-per-tag", "1", "--sample-steps", "2"]
+    assert recipe.main([*argv, "--threads", "1"]) == 0
+    run = tmp_path / "run"
+    saved, loaded = (load_file(d / "adapter_model.safetensors") for d in (run / "adapter-stage1", tmp_path / "adapter"))
+    assert saved.keys() == loaded.keys() and all((saved[k] == loaded[k]).all() for k in saved)  # nothing trained
+    assert not (run / "stage1").exists() or not any((run / "stage1").glob("checkpoint-*"))
+    assert "Stage 1 was not trained here" in (run / "report.md").read_text()
+    key = json.loads((run / "eval-stage1" / "run.json").read_text())["key"]
+    assert key["soft_tokens"] is not None
+
+
+def test_flagship_refuses_a_missing_stage_1_adapter(tmp_path):
+    import softalign_then_ddpo as recipe
+
+    from softalign.testing import tiny_pipeline
+
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "model")
+    argv = ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "run"), "--stage1-from", str(tmp_path / "none")]
+    with pytest.raises(FileNotFoundError, match="none"):
+        recipe.main([*argv, "--stage2", "none", "--threads", "1"])
