@@ -5,6 +5,7 @@
     python recipes/softalign_then_ddpo.py --stage2 diffusion_dpo --alongside 0.5 --no-train-lora
     python recipes/softalign_then_ddpo.py --model path/to/sd15 --data data/coco-train --stage2 none
     accelerate launch --num_processes 2 recipes/softalign_then_ddpo.py --stage1-steps 200
+    python recipes/softalign_then_ddpo.py --full --out runs/full-sd15      # the README's whole table (recipes/full_table.py)
 
 Stages: evaluate the base model on the held-out shapes split; stage 1, SoftAlign (AGSM by default) on shapes-world
 image-caption pairs (or `--data`); evaluate; stage 2, DDPO with the GenEval-rule reward (or Diffusion-DPO, or
@@ -32,7 +33,16 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML file with any of these options (flags override it).")
     parser.add_argument("--model", default=str(ROOT / "models" / "shapes-sd15"), help="Local pipeline directory.")
     parser.add_argument("--data", help="Image-caption folder (metadata.jsonl) for stage 1; default: shapes renders.")
-    parser.add_argument("--out", default="runs/flagship", help="Report directory.")
+    parser.add_argument("--out", help="Report directory (default: runs/flagship; with --full, runs/full-sd15).")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="Run the README's whole table instead (recipes/full_table.py: every row trained, resumable, hours); "
+        "only --out and --full-config apply.",
+    )
+    parser.add_argument(
+        "--full-config", help="With --full: the budgets (default: recipes/configs/full_table/sd15.yaml)."
+    )
     parser.add_argument("--objective", default="agsm", choices=["agsm", "softrepa"])
     parser.add_argument("--stage2", default="ddpo", choices=["ddpo", "diffusion_dpo", "none"])
     parser.add_argument("--alongside", type=float, default=0.0, help="Weight of the stage-1 objective in stage 2.")
@@ -76,6 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-base-eval", action="store_true", help="Reuse <out>/eval-base if present.")
     args = parser.parse_args(argv)
+    if args.full:
+        return args
+    args.out = args.out or "runs/flagship"
     args.softalign_overrides, args.stage2_overrides = {}, {}
     if args.config:
         from softalign.training import read_config_file
@@ -221,8 +234,22 @@ def stage2(pipe, args, tokens, stage1_trainer, detector):
     return trainer, [{"step": r["step"], "value": r["loss"]} for r in history], "DPO loss"
 
 
+def run_full_table(args) -> int:
+    """`--full`: hand over to recipes/full_table.py, which calls this recipe (and the others) per row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("softalign_full_table", ROOT / "recipes" / "full_table.py")
+    full_table = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = full_table  # its dataclasses look their module up there
+    spec.loader.exec_module(full_table)
+    argv = ["--out", args.out or "runs/full-sd15"]
+    return full_table.main(argv + (["--config", args.full_config] if args.full_config else []))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.full:
+        return run_full_table(args)
     torch.set_num_threads(args.threads)
     from softalign import SoftAlignConfig, SoftAlignTrainer, SoftTokens, load_pipeline, save_soft_tokens
     from softalign.curves import plot_curves

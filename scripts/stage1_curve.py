@@ -3,6 +3,7 @@
     python scripts/stage1_curve.py --model models/shapes-sd15 --objective agsm --out runs/curve-agsm-sd15
     python scripts/stage1_curve.py --model models/shapes-sd15 --objective softrepa --out runs/curve-softrepa-sd15
     python scripts/stage1_curve.py --model models/shapes-sd15 --objective diffusion --train-lora --out runs/curve-ft
+    python scripts/stage1_curve.py --model models/shapes-sd15 --objective agsm --with-lora --out runs/curve-agsm-lora
 
 Resumable at every level: re-running the same command continues the training from its last checkpoint (bit-identical
 to an uninterrupted run: one schedule over `--max-steps`, stopped at each evaluation point) and skips every
@@ -43,7 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999, help="AGSM's EMA tokens (see the docstring).")
     parser.add_argument("--train-lora", action="store_true", help="Train a LoRA instead of soft tokens.")
-    parser.add_argument("--lora-rank", type=int, default=4, help="With --train-lora: the LoRA's rank.")
+    parser.add_argument(
+        "--with-lora",
+        action="store_true",
+        help="Train a LoRA beside the soft tokens, one optimiser for both (AGSM: the two-adapter mode, psi+/psi- "
+        "tokens and LoRAs; the matched pair draws).",
+    )
+    parser.add_argument("--lora-rank", type=int, default=4, help="With --train-lora / --with-lora: the LoRA's rank.")
     parser.add_argument("--n-tokens", type=int, help="Soft tokens per bank (default: the family's, 4).")
     parser.add_argument(
         "--unet-blocks", help="UNet block groups that see the tokens, e.g. down,mid,up (default: the objective's)."
@@ -63,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-seed", type=int, default=1234)
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.train_lora and args.with_lora:
+        parser.error("--train-lora trains a LoRA instead of the tokens, --with-lora beside them: pick one")
+    return args
 
 
 class StopAt:
@@ -173,7 +183,7 @@ def main(argv=None) -> int:
                 cache_dir=str(out / "cache"),
                 keep_groups=args.count_groups > 0,  # a count group's negatives are its own other counts
             )
-            peft = lora_config(args.lora_rank) if args.train_lora else None
+            peft = lora_config(args.lora_rank) if args.train_lora or args.with_lora else None
             trainer = SoftAlignTrainer(
                 pipe, config, data, soft_tokens=tokens_for(pipe, args), peft_config=peft, callbacks=[StopAt(target)]
             )
@@ -207,11 +217,12 @@ def main(argv=None) -> int:
 
 
 def tokens_for(pipe, args):
-    """Soft tokens of another capacity or placement than the family's (`--n-tokens`, `--unet-blocks`), else None
-    (the trainer then makes the family's own, as it always has)."""
+    """Soft tokens of another capacity or placement than the family's (`--n-tokens`, `--unet-blocks`), or the
+    family's own with `--with-lora` (given a LoRA config, the trainer makes no tokens itself), else None (the trainer
+    then makes the family's own, as it always has)."""
     from softalign import SoftTokens
 
-    if args.train_lora or (args.n_tokens is None and args.unet_blocks is None):
+    if args.train_lora or (args.n_tokens is None and args.unet_blocks is None and not args.with_lora):
         return None
     overrides = {"n_tokens": args.n_tokens} if args.n_tokens is not None else {}
     if args.unet_blocks is not None:

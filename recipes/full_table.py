@@ -1,0 +1,467 @@
+"""The README's full results table (issue 16): train every row, pick the best checkpoints, evaluate every row.
+
+    python recipes/full_table.py --out runs/full-sd15                   # the papers' budgets: hours, resumable
+    python recipes/softalign_then_ddpo.py --full --out runs/full-sd15   # the same, from the flagship recipe
+    python recipes/full_table.py --config my-budgets.yaml --out runs/quick
+
+Rows, in this order (held-out shapes split, the same prompts and seeds in every row, each at every CFG of the sweep):
+base; fine-tuning baseline (diffusion loss on the curated set, LoRA, the stage-1 steps and batch); SoftREPA tokens at
+the best checkpoint and at the end; AGSM tokens (the same two); AGSM tokens + LoRA (the two-adapter mode, end);
+DDPO alone (tokens + LoRA); AGSM then DDPO; AGSM alongside DDPO (the AGSM term added at every DDPO step); AGSM then
+Diffusion-DPO. The RL rows start from the AGSM tokens' end checkpoint (`rl.start_from`).
+
+Every row is trained by an existing entry point's `main(argv)`, in this process: `scripts/stage1_curve.py` (the four
+stage-1 curves), `recipes/ddpo.py` (DDPO alone, AGSM then DDPO) and `recipes/softalign_then_ddpo.py --stage1-from`
+(alongside, and Diffusion-DPO: its pairs are sampled at the shapes CFG). Each run writes into `OUT/rows/<run>/`;
+a stage-1 curve gives two rows (best and end). Budgets: `recipes/configs/full_table/sd15.yaml` (every key checked).
+
+Resumable: a run ends with `OUT/rows/<run>/done.json` (written last, atomically: the entry point and argv it ran, with
+OUT written as `$OUT`). A run with one is skipped; one whose argv differs from what the config asks now is refused
+(rather than mixing runs in one table): restore the config, or move the run's directory away to retrain it. A killed
+stage-1 curve continues from its last checkpoint; a killed RL run (those entry points do not resume) restarts.
+
+Best checkpoint: the curve point after step 0 with the highest held-out counting accuracy in `curve.json`; a tie goes
+to the earlier step (the same accuracy for fewer steps). The curves score a subset of the table's split, so a "best"
+row is selected on the data it is reported on (an optimistic reading, as the papers pick checkpoints); the "end" rows
+are not selected. Finally `OUT/table-spec.yaml` is written and `scripts/results_table.py` evaluates it into
+`OUT/table/` (`table.md`, `table.json`; each cell a keyed, resumable `softalign eval` directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "recipes" / "configs" / "full_table" / "sd15.yaml"
+
+# The papers' scale; recipes/configs/full_table/sd15.yaml spells every key out with its reason.
+DEFAULTS = {
+    "model": "models/shapes-sd15",
+    "threads": 2,
+    "seed": 0,
+    "guidance_scale": 1.5,  # CFG of the curves' evaluations and of RL sampling (the shapes models are trained at 1.5)
+    "sample_steps": 20,  # sampler steps everywhere: curves, RL sampling, the table
+    "stage1": {
+        "max_steps": 5000,
+        "eval_every": 500,
+        "learning_rate": 1e-3,
+        "train_batch_size": 8,
+        "negatives": 3,
+        "ema_decay": 0.999,
+        "lora_rank": 4,
+        "finetune_learning_rate": 3e-4,
+        "images": 4096,
+        "resolution": 64,
+        "count_groups": 0.0,
+        "curve_tags": ["counting", "colors", "two_object"],
+        "curve_images_per_tag": 150,
+    },
+    "rl": {
+        "start_from": "end",
+        "ddpo_epochs": 25,
+        "learning_rate": 3e-3,
+        "batch_size": 16,
+        "train_batch_size": 4,
+        "alongside_weight": 0.5,
+        "dpo_epochs": 50,
+        "flagship_eval_images_per_tag": 1,
+    },
+    "table": {
+        "tags": ["counting", "colors", "two_object", "single_object"],
+        "images_per_prompt": 34,
+        "guidance_scales": [1.5, 3.0, 5.0],
+        "seed": 1234,
+    },
+}
+MAY_BE_ZERO = {"seed", "count_groups", "ema_decay"}  # every other number must be positive
+RL_LORA_RANK = 4  # the flagship's stage 2 always trains rank 4; recipes/ddpo.py is given the same
+
+
+class RunMismatch(RuntimeError):
+    """A finished (or started) run was made with other arguments than the config asks for now."""
+
+
+# -- the config -------------------------------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike) -> dict:
+    """The budgets: `DEFAULTS` with the file on top, every key known and of the default's type."""
+    from softalign.training import read_config_file
+
+    config = merge(DEFAULTS, read_config_file(path, kind="full-table"), str(path), "")
+    check_meaning(config, str(path))
+    return config
+
+
+def merge(defaults: dict, given, path: str, prefix: str) -> dict:
+    if not isinstance(given, dict):
+        raise ValueError(f"{path}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {given!r}")
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {[prefix + key for key in unknown]}; expected some of "
+            f"{[prefix + key for key in defaults]}"
+        )
+    merged = {}
+    for key, default in defaults.items():
+        value, name = given.get(key, default), prefix + key
+        if isinstance(default, dict):
+            merged[key] = merge(default, value, path, name + ".")
+        elif isinstance(default, list):
+            if not isinstance(value, list) or not value:
+                raise ValueError(f"{path}: {name} must be a non-empty list, got {value!r}")
+            merged[key] = [checked(item, default[0], path, name) for item in value]
+        else:
+            merged[key] = checked(value, default, path, name)
+    return merged
+
+
+def checked(value, default, path: str, name: str):
+    """`value` in the default's type (an int is a fine float); numbers other than seeds and shares must be > 0."""
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: {name} must be text, got {value!r}")
+        return value
+    wanted = int if isinstance(default, int) else (int, float)
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        hint = " (YAML reads 1e-3 as text: write 1.0e-3)" if isinstance(value, str) else ""
+        raise ValueError(f"{path}: {name} must be {'an integer' if wanted is int else 'a number'}{hint}, got {value!r}")
+    may_be_zero = name.rsplit(".", 1)[-1] in MAY_BE_ZERO
+    if value < 0 or (value == 0 and not may_be_zero):
+        raise ValueError(f"{path}: {name} must be {'>= 0' if may_be_zero else 'positive'}, got {value!r}")
+    return type(default)(value)
+
+
+def check_meaning(config: dict, path: str) -> None:
+    """What the types cannot say: the choices, and what the rows rely on."""
+    from softalign.shapes.prompts import parse_tags
+
+    stage1, rl = config["stage1"], config["rl"]
+    if stage1["max_steps"] % stage1["eval_every"]:
+        raise ValueError(f"{path}: stage1.eval_every must divide stage1.max_steps (the end row is the last point)")
+    if "counting" not in stage1["curve_tags"]:
+        raise ValueError(f"{path}: stage1.curve_tags must include counting (the best checkpoint is chosen on it)")
+    if stage1["train_batch_size"] % (stage1["negatives"] + 1):
+        raise ValueError(f"{path}: stage1.train_batch_size must be a multiple of stage1.negatives + 1 (the groups)")
+    if not 0 <= stage1["count_groups"] <= 1 or not 0 <= stage1["ema_decay"] < 1:
+        raise ValueError(f"{path}: stage1.count_groups must lie in [0, 1] and stage1.ema_decay in [0, 1)")
+    if rl["start_from"] not in ("best", "end"):
+        raise ValueError(f"{path}: rl.start_from must be best or end, got {rl['start_from']!r}")
+    for section, key in (("stage1", "curve_tags"), ("table", "tags")):
+        try:
+            parse_tags(",".join(config[section][key]))
+        except ValueError as error:
+            raise ValueError(f"{path}: {section}.{key}: {error}") from None
+
+
+# -- runs -------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training: an entry point's `main(argv)`, writing into `OUT/rows/<slug>/`."""
+
+    slug: str
+    title: str
+    entry: str  # relative to the repository root
+    argv: list[str]
+    resumes: bool  # the entry point continues a killed run itself (the stage-1 curves)
+    files: dict = field(default_factory=dict)  # YAML files written into the run directory first (name -> mapping)
+
+    def request(self, out: Path) -> dict:
+        """What `done.json` records: enough to tell whether a finished run is the one asked for now."""
+        return {"entry": self.entry, "argv": [relative(arg, out) for arg in self.argv], "files": self.files}
+
+
+def relative(arg: str, out: Path) -> str:
+    """`arg` with the output directory written as `$OUT`, so that a table may be moved or named another way."""
+    root = str(out)
+    if arg == root or arg.startswith(root + os.sep):
+        return "$OUT" + arg[len(root) :]
+    return arg
+
+
+def common(config: dict) -> list[str]:
+    return ["--model", config["model"], "--seed", str(config["seed"]), "--threads", str(config["threads"])]
+
+
+def stage1_runs(config: dict, out: Path) -> list[Run]:
+    """The four stage-1 curves: SoftREPA and AGSM tokens, AGSM tokens + LoRA, and the diffusion-loss LoRA."""
+    s = config["stage1"]
+    base = [
+        *common(config),
+        *("--max-steps", str(s["max_steps"]), "--eval-every", str(s["eval_every"])),
+        *("--train-batch-size", str(s["train_batch_size"]), "--negatives", str(s["negatives"])),
+        *("--ema-decay", str(s["ema_decay"]), "--count-groups", str(s["count_groups"])),
+        *("--images", str(s["images"]), "--resolution", str(s["resolution"])),
+        *("--tags", ",".join(s["curve_tags"]), "--images-per-tag", str(s["curve_images_per_tag"])),
+        *("--guidance-scale", str(config["guidance_scale"]), "--steps", str(config["sample_steps"])),
+        *("--eval-seed", str(config["table"]["seed"])),
+    ]
+    tokens_lr, rank = ["--learning-rate", str(s["learning_rate"])], ["--lora-rank", str(s["lora_rank"])]
+    finetune_lr = str(s["finetune_learning_rate"])
+    runs = [
+        ("softrepa-tokens", "SoftREPA tokens", ["--objective", "softrepa", *tokens_lr]),
+        ("agsm-tokens", "AGSM tokens", ["--objective", "agsm", *tokens_lr]),
+        ("agsm-lora", "AGSM tokens + LoRA", ["--objective", "agsm", "--with-lora", *rank, *tokens_lr]),
+        # the baseline: the same data, steps and batch, the plain diffusion loss on a LoRA (its own learning rate)
+        ("fine-tune", "fine-tune", ["--objective", "diffusion", "--train-lora", *rank, "--learning-rate", finetune_lr]),
+    ]
+    return [
+        Run(slug, title, "scripts/stage1_curve.py", [*base, *extra, "--out", str(out / "rows" / slug)], resumes=True)
+        for slug, title, extra in runs
+    ]
+
+
+def rl_runs(config: dict, out: Path, agsm_adapter: Path) -> list[Run]:
+    """DDPO alone and the three RL rows that start from the AGSM tokens, on the same DDPO settings."""
+    s, rl = config["stage1"], config["rl"]
+    sampling = ["--sample-steps", str(config["sample_steps"]), "--guidance-scale", str(config["guidance_scale"])]
+    ddpo = [*common(config), *sampling, "--train-lora", "--lora-rank", str(RL_LORA_RANK)]
+    ddpo += ["--epochs", str(rl["ddpo_epochs"]), "--learning-rate", str(rl["learning_rate"])]
+    ddpo += ["--batch-size", str(rl["batch_size"]), "--train-batch-size", str(rl["train_batch_size"])]
+    # The flagship fixes DDPO's batches and the stage-1 trainer's objective in code; its --config file sets them to
+    # this table's, so that "alongside" differs from "then" only by the AGSM term, and that term is the curve's.
+    term = {
+        "train_batch_size": s["train_batch_size"],
+        "negatives_per_positive": s["negatives"],
+        "ema_decay": s["ema_decay"],
+    }
+    batches = {"sample_batch_size": rl["batch_size"], "train_batch_size": rl["train_batch_size"]}
+    flagship = [*common(config), *sampling, "--objective", "agsm", "--stage1-from", str(agsm_adapter)]
+    flagship += ["--stage1-images", str(s["images"]), "--count-groups", str(s["count_groups"])]
+    flagship += ["--stage2-lr", str(rl["learning_rate"])]
+    flagship += ["--eval-images-per-tag", str(rl["flagship_eval_images_per_tag"])]  # its own reports, not the table's
+
+    def row(slug: str, title: str, entry: str, argv: list[str], files: dict | None = None) -> Run:
+        folder = out / "rows" / slug
+        if files:
+            argv = [*argv, "--config", str(folder / "flagship.yaml")]
+        return Run(slug, title, entry, [*argv, "--out", str(folder)], resumes=False, files=files or {})
+
+    return [
+        row("ddpo", "DDPO alone", "recipes/ddpo.py", ddpo),
+        row("agsm-then-ddpo", "AGSM then DDPO", "recipes/ddpo.py", [*ddpo, "--soft-tokens", str(agsm_adapter)]),
+        row(
+            "agsm-alongside-ddpo",
+            "AGSM alongside DDPO",
+            "recipes/softalign_then_ddpo.py",
+            [*flagship, "--stage2", "ddpo", "--stage2-epochs", str(rl["ddpo_epochs"])]
+            + ["--alongside", str(rl["alongside_weight"])],
+            {"flagship.yaml": {"softalign": term, "stage2_config": batches}},
+        ),
+        row(
+            "agsm-then-dpo",
+            "AGSM then Diffusion-DPO",
+            "recipes/softalign_then_ddpo.py",
+            [*flagship, "--stage2", "diffusion_dpo", "--stage2-epochs", str(rl["dpo_epochs"])],  # 10 steps an epoch
+            {"flagship.yaml": {"softalign": term}},
+        ),
+    ]
+
+
+def train(run: Run, out: Path) -> bool:
+    """Run `run` unless its `done.json` says it is finished; True when it trained. Refuses a run made otherwise."""
+    import yaml
+
+    folder = out / "rows" / run.slug
+    request = run.request(out)
+    for marker in ("done.json", "started.json"):
+        path = folder / marker
+        if path.is_file():
+            recorded = json.loads(path.read_text(encoding="utf-8"))["request"]
+            if recorded != request:
+                raise RunMismatch(
+                    f"row {run.title!r} ({folder}): {marker} records another run ({differences(recorded, request)}). "
+                    "Refusing to mix runs in one table: restore the config it was made with, or move the directory "
+                    "away to retrain this row."
+                )
+            if marker == "done.json":
+                print(f"== {run.title}: done, skipped ({path})", flush=True)
+                return False
+            if not run.resumes:  # a killed RL run: its entry point would not resume, and its files would clash
+                shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "started.json", {"request": request})
+    for name, content in run.files.items():
+        (folder / name).write_text(yaml.safe_dump(content, sort_keys=True), encoding="utf-8")
+    print(f"\n== {run.title}: python {run.entry} {shlex.join(run.argv)}", flush=True)
+    code = entry_point(run.entry).main(list(run.argv))
+    if code not in (0, None):
+        raise RuntimeError(f"row {run.title!r}: {run.entry} exited with {code}")
+    write_json(folder / "done.json", {"request": request})  # last: the run is finished only once this exists
+    return True
+
+
+def differences(recorded: dict, request: dict) -> str:
+    """The flags whose values differ, e.g. `--max-steps 5000 -> 3000`."""
+
+    def flags(argv: list[str]) -> dict:
+        pairs, key = {}, None
+        for arg in argv:
+            if arg.startswith("--"):
+                key = arg
+                pairs[key] = True
+            elif key is not None:
+                pairs[key], key = arg, None
+        return pairs
+
+    before, now = flags(recorded.get("argv", [])), flags(request["argv"])
+    changed = [
+        f"{key} {before.get(key, '(absent)')} -> {now.get(key, '(absent)')}"
+        for key in sorted(before.keys() | now.keys())
+        if before.get(key) != now.get(key)
+    ]
+    if recorded.get("entry") != request["entry"]:
+        changed.insert(0, f"entry: {recorded.get('entry')} -> {request['entry']}")
+    if recorded.get("files") != request["files"]:
+        changed.append(f"files: {recorded.get('files')} -> {request['files']}")
+    return "; ".join(changed) or "the same flags in another order"
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically: a reader (or the next run after a kill) sees the old file or the whole new one."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+_MODULES: dict[str, object] = {}
+
+
+def entry_point(entry: str):
+    """The module of a script or recipe (neither folder is a package), loaded once."""
+    if entry not in _MODULES:
+        name = "full_table_" + Path(entry).stem
+        spec = importlib.util.spec_from_file_location(name, ROOT / entry)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _MODULES[entry] = module
+    return _MODULES[entry]
+
+
+# -- the table --------------------------------------------------------------------------------------------------------
+def checkpoints(folder: Path) -> dict[str, int]:
+    """`best` and `end` steps of a finished curve (see the docstring for the rule)."""
+    points = [p for p in json.loads((folder / "curve.json").read_text())["points"] if p["step"] > 0]
+    best = max(points, key=lambda p: (p["counting"], -p["step"]))  # ties: the earlier step
+    return {"best": best["step"], "end": max(p["step"] for p in points)}
+
+
+def adapters(folder: Path, step: int) -> Path:
+    return folder / "adapters" / f"step-{step:06d}"
+
+
+def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> list[dict]:
+    """The spec's stages (name, soft_tokens, lora), in the README's row order."""
+    rows = out / "rows"
+
+    def curve(slug: str, title: str, which: str, lora: str | None = None) -> dict:
+        step = picks[slug][which]
+        saved = adapters(rows / slug, step)
+        stage = {"name": f"{title}, {which} (step {step})"}
+        if (saved / "adapter" / "adapter_config.json").is_file():
+            stage["soft_tokens"] = str(saved / "adapter")
+        if lora:
+            stage["lora"] = str(saved / "lora" / lora)
+        return stage
+
+    def rl(slug: str, title: str, tokens: str) -> dict:
+        return {
+            "name": title,
+            "soft_tokens": str(rows / slug / tokens),
+            "lora": str(rows / slug / "lora" / "softalign"),
+        }
+
+    return [
+        {"name": "base"},
+        curve("fine-tune", "fine-tune (diffusion loss, LoRA)", "end", lora="softalign"),
+        curve("softrepa-tokens", "SoftREPA tokens", "best"),
+        curve("softrepa-tokens", "SoftREPA tokens", "end"),
+        curve("agsm-tokens", "AGSM tokens", "best"),
+        curve("agsm-tokens", "AGSM tokens", "end"),
+        curve("agsm-lora", "AGSM tokens + LoRA", "end", lora="softalign_pos"),  # the matched pair draws
+        rl("ddpo", "DDPO alone (tokens + LoRA)", "adapter"),
+        rl("agsm-then-ddpo", f"AGSM ({config['rl']['start_from']}) then DDPO", "adapter"),
+        rl("agsm-alongside-ddpo", f"AGSM ({config['rl']['start_from']}) alongside DDPO", "adapter-stage2"),
+        rl("agsm-then-dpo", f"AGSM ({config['rl']['start_from']}) then Diffusion-DPO", "adapter-stage2"),
+    ]
+
+
+def write_spec(config: dict, stages: list[dict], path: Path) -> None:
+    import yaml
+
+    table = config["table"]
+    spec = {
+        "model": config["model"],
+        "tags": table["tags"],
+        "images_per_prompt": table["images_per_prompt"],
+        "guidance_scales": table["guidance_scales"],
+        "seed": table["seed"],
+        "steps": config["sample_steps"],
+        "stages": stages,
+    }
+    text = yaml.safe_dump(spec, sort_keys=False)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a resumed table leaves it as it was
+        path.write_text(text, encoding="utf-8")
+
+
+def provenance(stages: list[dict], runs: list[Run], out: Path) -> str:
+    """The section appended to table.md: which run made each row, and the best-checkpoint rule."""
+    lines = ["", "## How each row was made", ""]
+    lines += [
+        "Run directories under `OUT/rows/`; each run's `done.json` holds the entry point and argv it ran. Best: the "
+        "curve point after step 0 with the highest held-out counting accuracy in `curve.json` (ties: the earlier "
+        "step), selected on the held-out split the table reports; end: the last point.",
+        "",
+        "| stage | run | entry point |",
+        "|---|---|---|",
+    ]
+    by_folder = {str(out / "rows" / run.slug): run for run in runs}
+    for stage in stages:
+        path = stage.get("soft_tokens") or stage.get("lora")
+        run = next((r for folder, r in by_folder.items() if path and path.startswith(folder + os.sep)), None)
+        lines.append(f"| {stage['name']} | {f'`{run.slug}`' if run else '–'} | {f'`{run.entry}`' if run else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML budgets (every key is checked).")
+    parser.add_argument("--out", required=True, help="Table directory: rows/, table-spec.yaml, table/.")
+    args = parser.parse_args(argv)
+    try:
+        config = read_config(args.config)
+    except ValueError as error:
+        parser.error(str(error))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = stage1_runs(config, out)
+    for run in runs:
+        train(run, out)
+    picks = {run.slug: checkpoints(out / "rows" / run.slug) for run in runs}
+    start = adapters(out / "rows" / "agsm-tokens", picks["agsm-tokens"][config["rl"]["start_from"]]) / "adapter"
+    for run in rl_runs(config, out, start):
+        runs.append(run)
+        train(run, out)
+    stages = table_stages(config, out, picks)
+    spec = out / "table-spec.yaml"
+    write_spec(config, stages, spec)
+    table = entry_point("scripts/results_table.py")
+    code = table.main([str(spec), "--out", str(out / "table"), "--threads", str(config["threads"])])
+    markdown = out / "table" / "table.md"
+    markdown.write_text(markdown.read_text(encoding="utf-8") + provenance(stages, runs, out), encoding="utf-8")
+    print(f"\nTable: {markdown}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
