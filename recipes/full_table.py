@@ -325,12 +325,9 @@ def differences(recorded: dict, request: dict) -> str:
 
 def write_json(path: Path, data: dict) -> None:
     """Atomically: a reader (or the next run after a kill) sees the old file or the whole new one."""
-    temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(data, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    from softalign.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 _MODULES: dict[str, object] = {}

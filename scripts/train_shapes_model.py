@@ -24,14 +24,13 @@ import argparse
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from softalign.atomic import atomic_directory
+from softalign.atomic import atomic_directory, atomic_file
 from softalign.sd3_padding import STOCK_T5_ROWS, collapse_zero_padding, null_t5_bypassed
 from softalign.shapes.captions import CaptionNoise
 from softalign.shapes.data import render_batch
@@ -197,9 +196,8 @@ def encode_captions(pipe, family: str, captions: list[str]) -> dict:
 
 
 def save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as temp:
+        torch.save(state, temp)
 
 
 def load_state(path: Path):

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_file, atomic_write_text
 from .data import Example, preprocess
 
 CACHE_FORMAT = 1
@@ -189,7 +189,7 @@ class EncodingCache:
             for kind in ("images", "captions"):
                 for key, row in entries[kind].items():
                     index[kind].setdefault(key, row)  # an entry already there encodes the same content
-            _atomic_write_text(self.root / "index.json", json.dumps(index))
+            atomic_write_text(self.root / "index.json", json.dumps(index))
         self.index = index
 
     def _load(self, examples: list[Example], stats: CacheStats) -> EncodedData:
@@ -249,28 +249,6 @@ def _index_lock(root: Path):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _temporary_twin(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _temporary_twin(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_save(save_file, tensors, path: Path) -> None:
-    tmp = _temporary_twin(path)
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as temp:
+        save_file(tensors, str(temp))

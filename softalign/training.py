@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, atomic_write_text
 
 
 # -- the trainer state every trainer exposes --------------------------------------------------------------------------
@@ -116,13 +116,7 @@ def config_dict(config) -> dict:
 def save_run_config(config, path: str | os.PathLike) -> Path:
     """Write a run config (a dataclass) as JSON atomically; a failed write leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(config_dict(config), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(config_dict(config), indent=2, sort_keys=True, default=str) + "\n")
     return path
 
 

@@ -66,7 +66,7 @@ def main():
             Path(str(path) + ".partial.tmp").write_text(text[: len(text) // 2])  # a half-written file left behind
             os.kill(os.getpid(), signal.SIGKILL)
 
-        softalign.cache._atomic_write_text = die
+        softalign.cache.atomic_write_text = die
 
     def barrier():
         args.barrier.mkdir(parents=True, exist_ok=True)

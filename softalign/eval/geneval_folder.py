@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
+from ..atomic import atomic_file, atomic_write_text
 from .metadata import parse_metadata_line, validate_metadata
 from .report import markdown_report
 from .rules import evaluate_detections
@@ -52,9 +53,8 @@ PARTIAL = "results.partial.jsonl"
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    image.save(temp, format="PNG")
-    os.replace(temp, path)
+    with atomic_file(path) as temp:
+        image.save(temp, format="PNG")
 
 
 def _write_metadata(folder: Path, metadata: dict) -> None:
@@ -67,9 +67,7 @@ def _write_metadata(folder: Path, metadata: dict) -> None:
                 "another metadata file (use a new output directory)"
             )
         return
-    temp = path.with_name(".metadata.jsonl.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write_text(path, text)
 
 
 def generate_geneval_folder(

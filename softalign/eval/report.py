@@ -7,11 +7,11 @@ re-scores an image.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import atomic_file
 from .summary import _as_dict, summarize
 
 
@@ -250,14 +250,5 @@ def save_grid(
         colour = {"PASS": (0, 120, 0), "FAIL": (170, 0, 0)}.get(lines[0], (0, 0, 0))
         for number, text in enumerate(lines):
             draw.text((x + pad, y + image_h + pad + number * line_h), text, fill=colour, font=font)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=extension)
-    os.close(fd)
-    try:
+    with atomic_file(path) as temp:
         grid.save(temp, format=image_format)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 
+from ..atomic import atomic_write_text
 from .metadata import TAGS
 
 COLUMNS = ("filename", "tag", "prompt", "correct", "reason", "metadata", "details")
@@ -168,19 +168,7 @@ def write_results_jsonl(rows: Iterable[Mapping], path: str | os.PathLike) -> Non
             if not isinstance(record[column], str):
                 record[column] = json.dumps(_as_dict(record[column], column, index))
         lines.append(json.dumps(record) + "\n")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    atomic_write_text(path, "".join(lines))
 
 
 def read_results_jsonl(path: str | os.PathLike) -> list[dict]:
