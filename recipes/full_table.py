@@ -76,7 +76,7 @@ DEFAULTS = {
     },
     "table": {
         "tags": ["counting", "colors", "two_object", "single_object"],
-        "images_per_prompt": 34,
+        "images_per_tag": 300,
         "guidance_scales": [1.5, 3.0, 5.0],
         "seed": 1234,
     },
@@ -400,7 +400,7 @@ def write_spec(config: dict, stages: list[dict], path: Path) -> None:
     spec = {
         "model": config["model"],
         "tags": table["tags"],
-        "images_per_prompt": table["images_per_prompt"],
+        "images_per_tag": table["images_per_tag"],
         "guidance_scales": table["guidance_scales"],
         "seed": table["seed"],
         "steps": config["sample_steps"],

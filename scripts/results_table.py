@@ -6,7 +6,7 @@ The spec (YAML or JSON) names the model, the evaluation and the rows:
 
     model: models/shapes-sd15
     tags: [counting, colors, two_object, single_object]
-    images_per_prompt: 34          # same prompts and seeds for every row
+    images_per_tag: 300            # at least this many per tag (or images_per_prompt: N); the same for every row
     guidance_scales: [1.5, 3, 5]
     seed: 1234
     stages:
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 STAGE_KEYS = {"name", "soft_tokens", "lora"}
-SPEC_KEYS = {"model", "tags", "images_per_prompt", "guidance_scales", "seed", "steps", "stages"}
+SPEC_KEYS = {"model", "tags", "images_per_prompt", "images_per_tag", "guidance_scales", "seed", "steps", "stages"}
 
 
 def read_spec(path: str) -> dict:
@@ -63,10 +63,16 @@ def read_spec(path: str) -> dict:
     scales = spec.get("guidance_scales", [1.5, 3, 5])
     if not isinstance(scales, list) or not scales or not all(isinstance(g, int | float) and g > 0 for g in scales):
         raise ValueError(f"{path}: 'guidance_scales' must be a list of positive numbers, got {scales!r}")
+    if "images_per_prompt" in spec and "images_per_tag" in spec:
+        raise ValueError(f"{path}: give images_per_prompt or images_per_tag, not both")
+    plan = {key: spec[key] for key in ("images_per_prompt", "images_per_tag") if key in spec} or {"images_per_tag": 300}
+    for key, value in plan.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {key} must be a positive integer, got {value!r}")
     return {
         "model": spec["model"],
         "tags": spec.get("tags"),
-        "images_per_prompt": int(spec.get("images_per_prompt", 34)),
+        **plan,
         "guidance_scales": [float(g) for g in scales],
         "seed": int(spec.get("seed", 1234)),
         "steps": int(spec.get("steps", 20)),
@@ -79,7 +85,7 @@ def slug(name: str) -> str:
 
 
 def eval_args(spec: dict, stage: dict, scale: float, out: Path, threads: int) -> list[str]:
-    args = ["eval", "--model", spec["model"], "--images-per-prompt", str(spec["images_per_prompt"])]
+    args = ["eval", "--model", spec["model"], *plan_args(spec)]
     args += ["--seed", str(spec["seed"]), "--steps", str(spec["steps"]), "--guidance-scale", f"{scale:g}"]
     args += ["--threads", str(threads), "--out", str(out)]
     if spec["tags"]:
@@ -88,6 +94,19 @@ def eval_args(spec: dict, stage: dict, scale: float, out: Path, threads: int) ->
         if key in stage:
             args += [f"--{key.replace('_', '-')}", str(stage[key])]
     return args
+
+
+def plan_args(spec: dict) -> list[str]:
+    """`softalign eval`'s plan: a fixed number per prompt, or the default plan's minimum per tag."""
+    if "images_per_prompt" in spec:
+        return ["--images-per-prompt", str(spec["images_per_prompt"])]
+    return ["--min-images-per-tag", str(spec["images_per_tag"])]
+
+
+def plan_words(spec: dict) -> str:
+    if "images_per_prompt" in spec:
+        return f"{spec['images_per_prompt']} images per prompt"
+    return f"at least {spec['images_per_tag']} images per tag"
 
 
 def main(argv=None) -> int:
@@ -111,7 +130,7 @@ def main(argv=None) -> int:
     names = [stage["name"] for stage in spec["stages"]]
     table = stage_table(runs, names, spec["guidance_scales"])
     header = (
-        f"# Results table: `{spec['model']}`\n\nHeld-out shapes split, {spec['images_per_prompt']} images per prompt, "
+        f"# Results table: `{spec['model']}`\n\nHeld-out shapes split, {plan_words(spec)}, "
         f"seed {spec['seed']}, {spec['steps']} sampler steps; the same prompts and seeds in every row. Spec: "
         f"`{args.spec}`; reproduce: `python scripts/results_table.py {args.spec} --out {args.out}`.\n\n"
     )

@@ -44,7 +44,7 @@ def _tiny_config(model: Path, **rl) -> dict:
             **{"curve_tags": ["counting"], "curve_images_per_tag": 1},
         },
         "rl": {"ddpo_epochs": 1, "batch_size": 2, "train_batch_size": 1, "dpo_epochs": 1, **rl},
-        "table": {"tags": ["counting", "single_object"], "images_per_prompt": 1, "guidance_scales": [1.5]},
+        "table": {"tags": ["counting", "single_object"], "images_per_tag": 1, "guidance_scales": [1.5]},
     }
 
 

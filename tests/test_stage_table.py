@@ -96,6 +96,26 @@ def test_the_spec_names_what_is_wrong(tmp_path):
     spec.write_text("model: m\nstages: [{name: base}]\nguidance_scales: [0]\n")
     with pytest.raises(ValueError, match="positive"):
         results_table.read_spec(str(spec))
+    spec.write_text("model: m\nstages: [{name: base}]\nimages_per_prompt: 4\nimages_per_tag: 300\n")
+    with pytest.raises(ValueError, match="not both"):
+        results_table.read_spec(str(spec))
+    spec.write_text("model: m\nstages: [{name: base}]\nimages_per_tag: 0\n")
+    with pytest.raises(ValueError, match="images_per_tag must be a positive integer"):
+        results_table.read_spec(str(spec))
+
+
+def test_the_default_plan_is_at_least_300_images_per_tag(tmp_path):
+    import results_table
+
+    spec = tmp_path / "table.yaml"
+    spec.write_text("model: m\nstages: [{name: base}]\n")
+    read = results_table.read_spec(str(spec))
+    args = results_table.eval_args(read, read["stages"][0], 1.5, tmp_path / "cell", threads=1)
+    assert args[args.index("--min-images-per-tag") + 1] == "300" and "--images-per-prompt" not in args
+    spec.write_text("model: m\nstages: [{name: base}]\nimages_per_prompt: 4\n")
+    read = results_table.read_spec(str(spec))
+    args = results_table.eval_args(read, read["stages"][0], 1.5, tmp_path / "cell", threads=1)
+    assert args[args.index("--images-per-prompt") + 1] == "4" and "--min-images-per-tag" not in args
 
 
 def test_the_script_evaluates_every_stage_and_scale_once_and_resumes(tmp_path):
