@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/ddpo")
     parser.add_argument("--soft-tokens", help="Start from this adapter (else new tokens).")
     parser.add_argument("--train-lora", action="store_true")
+    parser.add_argument("--n-tokens", type=int, help="New tokens: soft tokens per bank (default: the family's).")
+    parser.add_argument(
+        "--unet-blocks", help="New tokens: UNet block groups that see them, e.g. down,mid,up (default: the family's)."
+    )
     parser.add_argument("--reward", default="geneval", choices=["geneval", "geneval_exact", "jpeg"])
     parser.add_argument("--prompts", help="Text file of prompts (jpeg reward); default: shapes training prompts.")
     parser.add_argument("--epochs", type=int, default=8)
@@ -68,12 +72,18 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-steps", type=int, default=20, help="Sampling steps of the held-out evaluations.")
     parser.add_argument("--seed", type=int, default=0, help="Prompt order and DDPO sampling seed.")
     args = parser.parse_args(argv)
+    if args.soft_tokens and (args.n_tokens is not None or args.unet_blocks is not None):
+        parser.error("--n-tokens / --unet-blocks shape new tokens; --soft-tokens brings its own layout")
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     if args.soft_tokens:
         tokens = SoftTokens.from_pretrained(args.soft_tokens)
     else:
-        tokens = SoftTokens.for_pipeline(pipe)  # initialised as its config says (SD1.x: the null-prompt BOS state)
+        layout = {"n_tokens": args.n_tokens} if args.n_tokens is not None else {}
+        if args.unet_blocks is not None:
+            layout["unet_blocks"] = args.unet_blocks.split(",")
+        # initialised as its config says (SD1.x: the null-prompt BOS state)
+        tokens = SoftTokens.for_pipeline(pipe, **layout)
     if args.prompts:
         texts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         lines = [{"prompt": text} for text in texts]

@@ -15,6 +15,10 @@ stage-1 curves), `recipes/ddpo.py` (DDPO alone, AGSM then DDPO) and `recipes/sof
 (alongside, and Diffusion-DPO: its pairs are sampled at the shapes CFG). Each run writes into `OUT/rows/<run>/`;
 a stage-1 curve gives two rows (best and end). Budgets: `recipes/configs/full_table/sd15.yaml` (every key checked).
 
+Rows in parallel: `--rows agsm-tokens --threads 1` in one shell and `--rows softrepa-tokens --threads 1` in another
+train those runs only and stop; a last run without `--rows` skips every finished run and builds the table. The RL
+runs start from the AGSM curve, so they wait for it.
+
 Resumable: a run ends with `OUT/rows/<run>/done.json` (written last, atomically: the entry point and argv it ran, with
 OUT written as `$OUT`). A run with one is skipped; one whose argv differs from what the config asks now is refused
 (rather than mixing runs in one table): restore the config, or move the run's directory away to retrain it. A killed
@@ -61,6 +65,8 @@ DEFAULTS = {
         "images": 4096,
         "resolution": 64,
         "count_groups": 0.0,
+        "n_tokens": 16,
+        "unet_blocks": "down,mid,up",
         "curve_tags": ["counting", "colors", "two_object"],
         "curve_images_per_tag": 150,
     },
@@ -81,8 +87,12 @@ DEFAULTS = {
         "seed": 1234,
     },
 }
-MAY_BE_ZERO = {"seed", "count_groups", "ema_decay"}  # every other number must be positive
+MAY_BE_ZERO = {"seed", "count_groups", "ema_decay", "n_tokens"}  # every other number must be positive
 RL_LORA_RANK = 4  # the flagship's stage 2 always trains rank 4; recipes/ddpo.py is given the same
+
+
+STAGE1_SLUGS = ["softrepa-tokens", "agsm-tokens", "agsm-lora", "fine-tune"]  # run directories under OUT/rows/
+RL_SLUGS = ["ddpo", "agsm-then-ddpo", "agsm-alongside-ddpo", "agsm-then-dpo"]
 
 
 class RunMismatch(RuntimeError):
@@ -141,6 +151,7 @@ def checked(value, default, path: str, name: str):
 def check_meaning(config: dict, path: str) -> None:
     """What the types cannot say: the choices, and what the rows rely on."""
     from softalign.shapes.prompts import parse_tags
+    from softalign.soft_tokens import UNET_BLOCK_GROUPS
 
     stage1, rl = config["stage1"], config["rl"]
     if stage1["max_steps"] % stage1["eval_every"]:
@@ -151,6 +162,12 @@ def check_meaning(config: dict, path: str) -> None:
         raise ValueError(f"{path}: stage1.train_batch_size must be a multiple of stage1.negatives + 1 (the groups)")
     if not 0 <= stage1["count_groups"] <= 1 or not 0 <= stage1["ema_decay"] < 1:
         raise ValueError(f"{path}: stage1.count_groups must lie in [0, 1] and stage1.ema_decay in [0, 1)")
+    blocks = [name for name in stage1["unet_blocks"].split(",") if name]
+    if any(name not in UNET_BLOCK_GROUPS for name in blocks) or len(set(blocks)) != len(blocks):
+        raise ValueError(
+            f"{path}: stage1.unet_blocks must be distinct names of {list(UNET_BLOCK_GROUPS)} joined by commas "
+            f"(or empty: the objective's own), got {stage1['unet_blocks']!r}"
+        )
     if rl["start_from"] not in ("best", "end"):
         raise ValueError(f"{path}: rl.start_from must be best or end, got {rl['start_from']!r}")
     for section, key in (("stage1", "curve_tags"), ("table", "tags")):
@@ -173,8 +190,13 @@ class Run:
     files: dict = field(default_factory=dict)  # YAML files written into the run directory first (name -> mapping)
 
     def request(self, out: Path) -> dict:
-        """What `done.json` records: enough to tell whether a finished run is the one asked for now."""
-        return {"entry": self.entry, "argv": [relative(arg, out) for arg in self.argv], "files": self.files}
+        """What `done.json` records: enough to tell whether a finished run is the one asked for now. Not the thread
+        count: how many cores ran a row does not change what it is (a row may be continued on another machine)."""
+        argv = [relative(arg, out) for arg in self.argv]
+        at = argv.index("--threads") if "--threads" in argv else None
+        if at is not None:
+            del argv[at : at + 2]
+        return {"entry": self.entry, "argv": argv, "files": self.files}
 
 
 def relative(arg: str, out: Path) -> str:
@@ -187,6 +209,14 @@ def relative(arg: str, out: Path) -> str:
 
 def common(config: dict) -> list[str]:
     return ["--model", config["model"], "--seed", str(config["seed"]), "--threads", str(config["threads"])]
+
+
+def token_layout(config: dict) -> list[str]:
+    """`--n-tokens` / `--unet-blocks` for every run that makes new tokens, so that each token row (and DDPO alone)
+    trains the same layout; 0 and "" leave the family's own."""
+    s = config["stage1"]
+    layout = ["--n-tokens", str(s["n_tokens"])] if s["n_tokens"] else []
+    return layout + (["--unet-blocks", s["unet_blocks"]] if s["unet_blocks"] else [])
 
 
 def stage1_runs(config: dict, out: Path) -> list[Run]:
@@ -202,7 +232,8 @@ def stage1_runs(config: dict, out: Path) -> list[Run]:
         *("--guidance-scale", str(config["guidance_scale"]), "--steps", str(config["sample_steps"])),
         *("--eval-seed", str(config["table"]["seed"])),
     ]
-    tokens_lr, rank = ["--learning-rate", str(s["learning_rate"])], ["--lora-rank", str(s["lora_rank"])]
+    tokens_lr = ["--learning-rate", str(s["learning_rate"]), *token_layout(config)]
+    rank = ["--lora-rank", str(s["lora_rank"])]
     finetune_lr = str(s["finetune_learning_rate"])
     runs = [
         ("softrepa-tokens", "SoftREPA tokens", ["--objective", "softrepa", *tokens_lr]),
@@ -215,6 +246,12 @@ def stage1_runs(config: dict, out: Path) -> list[Run]:
         Run(slug, title, "scripts/stage1_curve.py", [*base, *extra, "--out", str(out / "rows" / slug)], resumes=True)
         for slug, title, extra in runs
     ]
+
+
+def agsm_start(config: dict, out: Path) -> Path:
+    """The AGSM tokens the RL rows start from: the finished curve's `rl.start_from` point."""
+    folder = out / "rows" / "agsm-tokens"
+    return adapters(folder, checkpoints(folder)[config["rl"]["start_from"]]) / "adapter"
 
 
 def rl_runs(config: dict, out: Path, agsm_adapter: Path) -> list[Run]:
@@ -244,7 +281,7 @@ def rl_runs(config: dict, out: Path, agsm_adapter: Path) -> list[Run]:
         return Run(slug, title, entry, [*argv, "--out", str(folder)], resumes=False, files=files or {})
 
     return [
-        row("ddpo", "DDPO alone", "recipes/ddpo.py", ddpo),
+        row("ddpo", "DDPO alone", "recipes/ddpo.py", [*ddpo, *token_layout(config)]),  # new tokens: the curves'
         row("agsm-then-ddpo", "AGSM then DDPO", "recipes/ddpo.py", [*ddpo, "--soft-tokens", str(agsm_adapter)]),
         row(
             "agsm-alongside-ddpo",
@@ -434,21 +471,42 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML budgets (every key is checked).")
     parser.add_argument("--out", required=True, help="Table directory: rows/, table-spec.yaml, table/.")
+    parser.add_argument(
+        "--rows",
+        help=f"Comma-separated runs to train, of {STAGE1_SLUGS + RL_SLUGS}, then stop (no table): one process per "
+        "core, each on its own rows. The RL runs need agsm-tokens finished.",
+    )
+    parser.add_argument("--threads", type=int, help="Torch threads of this process (default: the config's threads).")
     args = parser.parse_args(argv)
     try:
         config = read_config(args.config)
     except ValueError as error:
         parser.error(str(error))
+    wanted = args.rows.split(",") if args.rows else STAGE1_SLUGS + RL_SLUGS
+    unknown = sorted(set(wanted) - set(STAGE1_SLUGS + RL_SLUGS))
+    if unknown:
+        parser.error(f"--rows: unknown run(s) {unknown}; expected some of {STAGE1_SLUGS + RL_SLUGS}")
+    if args.threads is not None:
+        config["threads"] = args.threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = stage1_runs(config, out)
     for run in runs:
-        train(run, out)
-    picks = {run.slug: checkpoints(out / "rows" / run.slug) for run in runs}
-    start = adapters(out / "rows" / "agsm-tokens", picks["agsm-tokens"][config["rl"]["start_from"]]) / "adapter"
-    for run in rl_runs(config, out, start):
-        runs.append(run)
-        train(run, out)
+        if run.slug in wanted:
+            train(run, out)
+    if any(slug in wanted for slug in RL_SLUGS) and not (out / "rows" / "agsm-tokens" / "done.json").is_file():
+        parser.error("the RL runs start from the AGSM tokens: train agsm-tokens first (--rows agsm-tokens)")
+    if not args.rows or any(slug in wanted for slug in RL_SLUGS):
+        start = agsm_start(config, out)
+        for run in rl_runs(config, out, start):
+            runs.append(run)
+            if run.slug in wanted:
+                train(run, out)
+    if args.rows:
+        left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if not (out / "rows" / slug / "done.json").is_file()]
+        print(f"\nTrained {wanted}; not finished yet: {left or 'none'} (the table needs every run).", flush=True)
+        return 0
+    picks = {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS}
     stages = table_stages(config, out, picks)
     spec = out / "table-spec.yaml"
     write_spec(config, stages, spec)

@@ -41,7 +41,7 @@ def _tiny_config(model: Path, **rl) -> dict:
         "sample_steps": 2,
         "stage1": {
             **{"max_steps": 2, "eval_every": 1, "train_batch_size": 4, "images": 16, "resolution": 32},
-            **{"curve_tags": ["counting"], "curve_images_per_tag": 1},
+            **{"curve_tags": ["counting"], "curve_images_per_tag": 1, "n_tokens": 2, "unet_blocks": "down,up"},
         },
         "rl": {"ddpo_epochs": 1, "batch_size": 2, "train_batch_size": 1, "dpo_epochs": 1, **rl},
         "table": {"tags": ["counting", "single_object"], "images_per_tag": 1, "guidance_scales": [1.5]},
@@ -88,6 +88,17 @@ def test_every_row_is_trained_and_in_the_table(table):
     assert lora_row["lora"].endswith("softalign_pos") and "soft_tokens" in lora_row
     done = json.loads((out / "rows" / "agsm-then-ddpo" / "done.json").read_text())["request"]
     assert done["entry"] == "recipes/ddpo.py" and "$OUT/rows/agsm-tokens/adapters/step-000002/adapter" in done["argv"]
+    # every row with tokens has the config's layout: the curves' new tokens, DDPO alone's, and the RL rows' start
+    for adapter in (
+        out / "rows" / "softrepa-tokens" / "adapters" / "step-000002" / "adapter",
+        saved / "adapter",
+        out / "rows" / "ddpo" / "adapter",
+        out / "rows" / "agsm-then-ddpo" / "adapter",
+        out / "rows" / "agsm-alongside-ddpo" / "adapter-stage2",
+    ):
+        layout = json.loads((adapter / "adapter_config.json").read_text())
+        assert (layout["n_tokens"], layout["unet_blocks"]) == (2, ["down", "up"]), adapter
+    assert "--threads" not in done["argv"]  # a row may be continued with another thread count
 
 
 def test_a_second_run_through_the_flagship_retrains_and_redraws_nothing(table, monkeypatch):
@@ -130,6 +141,9 @@ def test_the_config_is_checked_key_by_key(tmp_path):
         ({"table": {"tags": ["counting", "shapes"]}}, r"table.tags: unknown \['shapes'\]"),
         ({"stage1": {"curve_tags": ["colors"]}}, "must include counting"),
         ({"rl": 3}, "rl must be a mapping"),
+        ({"stage1": {"unet_blocks": "down,middle"}}, r"unet_blocks must be distinct names of \['down', 'mid', 'up'\]"),
+        ({"stage1": {"unet_blocks": "down,down"}}, "unet_blocks must be distinct"),
+        ({"stage1": {"n_tokens": -1}}, "n_tokens must be >= 0"),
     ]
     for given, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -145,3 +159,24 @@ def test_best_is_the_highest_counting_after_step_0_and_a_tie_goes_to_the_earlier
     points += [{"step": 1000, "counting": 0.4}, {"step": 1500, "counting": 0.4}, {"step": 2000, "counting": 0.2}]
     (tmp_path / "curve.json").write_text(json.dumps({"points": points}))
     assert full_table.checkpoints(tmp_path) == {"best": 1000, "end": 2000}
+
+
+def test_rows_train_alone_and_the_rl_rows_wait_for_the_agsm_curve(tmp_path):
+    full_table = _load("recipes/full_table.py")
+    config = full_table.read_config(full_table.DEFAULT_CONFIG)
+    assert [run.slug for run in full_table.stage1_runs(config, tmp_path)] == full_table.STAGE1_SLUGS
+    assert [run.slug for run in full_table.rl_runs(config, tmp_path, tmp_path)] == full_table.RL_SLUGS
+    config_path = _write(tmp_path / "c.yaml", {})
+    with pytest.raises(SystemExit):  # an unknown run is named before anything trains
+        full_table.main(["--config", config_path, "--out", str(tmp_path / "out"), "--rows", "agsm"])
+    with pytest.raises(SystemExit):  # the RL rows start from the finished AGSM curve
+        full_table.main(["--config", config_path, "--out", str(tmp_path / "out"), "--rows", "ddpo"])
+    assert not (tmp_path / "out" / "rows").exists()
+
+
+def test_a_finished_row_is_skipped_by_a_run_with_another_thread_count(table, capsys):
+    full_table, config, out = table
+    assert full_table.main(["--config", config, "--out", str(out), "--rows", "fine-tune,ddpo", "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tune: done, skipped" in printed and "DDPO alone: done, skipped" in printed
+    assert "not finished yet: none" in printed

@@ -155,6 +155,8 @@ def test_ddpo_and_dpo_recipes(tmp_path):
     assert (counting / "lora" / "softalign" / "pytorch_lora_weights.safetensors").is_file()
     with pytest.raises(SystemExit):
         load("ddpo").main(["--model", model, "--tags", "counting,shapes"])
+    with pytest.raises(SystemExit):  # a saved adapter brings its own layout
+        load("ddpo").main(["--model", model, "--soft-tokens", str(counting / "adapter"), "--n-tokens", "8"])
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     Image.new("RGB", (32, 32), "red").save(pairs / "a.png")
