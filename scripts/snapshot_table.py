@@ -1,0 +1,74 @@
+"""Keep a results table's runs small enough to commit, and bring them back to continue the table elsewhere.
+
+    python scripts/snapshot_table.py runs/full-sd15 docs/results/full-table-sd15      # keep (while it trains)
+    python scripts/snapshot_table.py docs/results/full-table-sd15 runs/full-sd15      # restore, then re-run the table
+
+Copies `SRC/rows/<run>/` into `DST/rows/<run>/`, leaving out what a resumed run rebuilds or does not need: the
+stage-1 renders cache (`cache/`, rebuilt bit-identically from the seed), the evaluation images (`eval/*/images/`;
+a curve point with a `summary.json` is never redrawn; one without is redrawn whole, so it is left out) and every
+training checkpoint but the newest (the one a resumed
+run continues from). Also the finished table's `table-spec.yaml` and `table/*.md|json` when present. Each file is
+written to a temporary name and renamed, so an interrupted copy leaves whole files; files that are already the same
+are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+from pathlib import Path
+
+
+def newest_checkpoint(train: Path) -> str | None:
+    steps = [p for p in train.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(steps, key=lambda p: int(p.name.split("-")[-1])).name if steps else None
+
+
+def kept_files(src: Path):
+    """Paths (relative to `src`) worth keeping."""
+    for run in sorted(p for p in (src / "rows").iterdir() if p.is_dir()):
+        newest = newest_checkpoint(run / "train")
+        for path in sorted(run.rglob("*")):
+            parts = path.relative_to(run).parts
+            if not path.is_file() or parts[0] == "cache" or (parts[0] == "eval" and "images" in parts):
+                continue
+            if parts[0] == "eval" and len(parts) > 2 and not (run / "eval" / parts[1] / "summary.json").is_file():
+                continue  # an evaluation still running: a resumed curve redraws it whole
+            if parts[0] == "train" and parts[1].startswith("checkpoint-") and parts[1] != newest:
+                continue
+            yield path.relative_to(src)
+    for name in ("table-spec.yaml", "table/table.md", "table/table.json"):
+        if (src / name).is_file():
+            yield Path(name)
+
+
+def copy(src: Path, dst: Path) -> int:
+    copied = 0
+    for relative in kept_files(src):
+        source, target = src / relative, dst / relative
+        if target.is_file() and filecmp.cmp(source, target, shallow=False):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(target.name + ".partial")
+        shutil.copyfile(source, staging)
+        os.replace(staging, target)
+        copied += 1
+    return copied
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="A table directory (recipes/full_table.py --out), or a kept copy of one.")
+    parser.add_argument("dst")
+    args = parser.parse_args(argv)
+    src = Path(args.src)
+    if not (src / "rows").is_dir():
+        parser.error(f"{src}: no rows/ folder; expected a table directory written by recipes/full_table.py --out")
+    print(f"{copy(src, Path(args.dst))} file(s) copied into {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
