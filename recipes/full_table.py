@@ -177,6 +177,18 @@ def check_meaning(config: dict, path: str) -> None:
             raise ValueError(f"{path}: {section}.{key}: {error}") from None
 
 
+def check_model(config: dict, path: str) -> None:
+    """Before hours of training: the model is a pipeline directory, and UNet blocks are only asked of a UNet."""
+    index = Path(config["model"]) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path}: model {config['model']!r} is not a diffusers pipeline directory (no {index})")
+    if config["stage1"]["unet_blocks"] and "unet" not in json.loads(index.read_text(encoding="utf-8")):
+        raise ValueError(
+            f"{path}: stage1.unet_blocks is {config['stage1']['unet_blocks']!r}, but {config['model']} has no UNet "
+            "(a transformer family places its tokens per block by its own layout): set unet_blocks: \"\""
+        )
+
+
 # -- runs -------------------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -488,6 +500,10 @@ def main(argv=None) -> int:
         parser.error(f"--rows: unknown run(s) {unknown}; expected some of {STAGE1_SLUGS + RL_SLUGS}")
     if args.threads is not None:
         config["threads"] = args.threads
+    try:
+        check_model(config, args.config)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = stage1_runs(config, out)

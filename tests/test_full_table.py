@@ -148,6 +148,15 @@ def test_the_config_is_checked_key_by_key(tmp_path):
     for given, message in cases:
         with pytest.raises(ValueError, match=message):
             full_table.read_config(_write(tmp_path / "bad.yaml", given))
+    sd3 = full_table.read_config(ROOT / "recipes" / "configs" / "full_table" / "sd3.yaml")
+    assert (sd3["model"], sd3["guidance_scale"], sd3["stage1"]["n_tokens"]) == ("models/shapes-sd3", 3.0, 16)
+    argv = full_table.stage1_runs(sd3, tmp_path)[1].argv
+    assert "--unet-blocks" not in argv and argv[argv.index("--n-tokens") + 1] == "16"
+    full_table.check_model(sd3, "sd3.yaml")  # the shipped model: a pipeline directory without a UNet
+    with pytest.raises(ValueError, match="has no UNet"):
+        full_table.check_model({**sd3, "stage1": {**sd3["stage1"], "unet_blocks": "down"}}, "sd3.yaml")
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline directory"):
+        full_table.check_model({**sd3, "model": str(tmp_path)}, "sd3.yaml")
     with pytest.raises(SystemExit):  # the command line says it too, before anything runs
         full_table.main(["--config", _write(tmp_path / "bad.yaml", {"tabel": {}}), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
