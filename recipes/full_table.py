@@ -185,7 +185,7 @@ def check_model(config: dict, path: str) -> None:
     if config["stage1"]["unet_blocks"] and "unet" not in json.loads(index.read_text(encoding="utf-8")):
         raise ValueError(
             f"{path}: stage1.unet_blocks is {config['stage1']['unet_blocks']!r}, but {config['model']} has no UNet "
-            "(a transformer family places its tokens per block by its own layout): set unet_blocks: \"\""
+            '(a transformer family places its tokens per block by its own layout): set unet_blocks: ""'
         )
 
 
