@@ -244,6 +244,28 @@ def test_flagship_can_start_stage_2_from_a_saved_stage_1_adapter(tmp_path):
     assert key["soft_tokens"] is not None
 
 
+def test_flagship_starts_from_the_models_shipped_adapter_unless_asked_to_train(tmp_path):
+    import softalign_then_ddpo as recipe
+
+    from softalign import SoftTokens, save_soft_tokens
+    from softalign.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    pipe.save_pretrained(tmp_path / "model")
+    shipped = tmp_path / "model" / "adapters" / "agsm"
+    save_soft_tokens(SoftTokens.for_pipeline(pipe, objective="agsm"), shipped)
+    model = ["--model", str(tmp_path / "model")]
+    args = recipe.parse_args(model)
+    assert (args.stage1_from, args.stage1_shipped) == (str(shipped), True)
+    assert recipe.parse_args([*model, "--stage1-steps", "300"]).stage1_from is None  # asked to train: it trains
+    assert recipe.parse_args([*model, "--objective", "softrepa"]).stage1_from is None  # none shipped for SoftREPA
+    assert recipe.parse_args([*model, "--stage1-from", "x"]).stage1_from == "x"
+    assert recipe.parse_args(["--model", str(tmp_path)]).stage1_steps == recipe.STAGE1_STEPS  # nothing shipped
+    argv = [*model, "--out", str(tmp_path / "run"), "--stage2", "none", "--eval-images-per-tag", "1"]
+    assert recipe.main([*argv, "--sample-steps", "2", "--threads", "1"]) == 0
+    assert "the adapter the model ships" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_flagship_refuses_a_missing_stage_1_adapter(tmp_path):
     import softalign_then_ddpo as recipe
 
