@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from softalign.run_lock import LOCK_NAME
+
 
 def newest_checkpoint(train: Path) -> str | None:
     steps = [p for p in train.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
@@ -32,7 +34,9 @@ def kept_files(src: Path):
         newest = newest_checkpoint(run / "train")
         for path in sorted(run.rglob("*")):
             parts = path.relative_to(run).parts
-            if not path.is_file() or parts[0] == "cache" or (parts[0] == "eval" and "images" in parts):
+            if not path.is_file() or path.name == LOCK_NAME:  # a lock is the running process's, not the run's
+                continue
+            if parts[0] == "cache" or (parts[0] == "eval" and "images" in parts):
                 continue
             if parts[0] == "eval" and len(parts) > 2 and not (run / "eval" / parts[1] / "summary.json").is_file():
                 continue  # an evaluation still running: a resumed curve redraws it whole

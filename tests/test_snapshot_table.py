@@ -26,7 +26,7 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
     src, dst = tmp_path / "runs", tmp_path / "kept"
     run = "rows/agsm-tokens/"
     _touch(src, run + "curve.json", run + "started.json", run + "adapters/step-000500/adapter/adapter_config.json")
-    _touch(src, run + "cache/abc/renders.pt", run + "train/softalign_config.json")
+    _touch(src, run + "cache/abc/renders.pt", run + "train/softalign_config.json", run + "train/.softalign.lock")
     _touch(src, *(run + f"train/checkpoint-{step}/optimizer.pt" for step in (500, 1000)))
     _touch(src, run + "eval/step-000500/summary.json", run + "eval/step-000500/images/00000/a.png")
     _touch(src, run + "eval/step-001000/results.jsonl", "table-spec.yaml", "notes.txt")
