@@ -27,7 +27,8 @@ stage-1 curve continues from its last checkpoint; a killed RL run (those entry p
 Best checkpoint: the curve point after step 0 with the highest held-out counting accuracy in `curve.json`; a tie goes
 to the earlier step (the same accuracy for fewer steps). The curves score a subset of the table's split, so a "best"
 row is selected on the data it is reported on (an optimistic reading, as the papers pick checkpoints); the "end" rows
-are not selected. Finally `OUT/table-spec.yaml` is written and `scripts/results_table.py` evaluates it into
+are not selected. `OUT/curves.png` draws the stage-1 curves so far on shared panels (redrawn whenever the driver
+stops). Finally `OUT/table-spec.yaml` is written and `scripts/results_table.py` evaluates it into
 `OUT/table/` (`table.md`, `table.json`; each cell a keyed, resumable `softalign eval` directory).
 """
 
@@ -394,6 +395,29 @@ def entry_point(entry: str):
     return _MODULES[entry]
 
 
+def plot_stage1(config: dict, out: Path) -> Path | None:
+    """`OUT/curves.png`: every stage-1 curve so far on shared panels (held-out accuracy per curve tag, and the
+    over-count rate), a line per run, so the objectives can be read against each other as they train."""
+    from softalign.curves import plot_curves
+
+    runs = {run.slug: run.title for run in stage1_runs(config, out)}
+    found = {slug: out / "rows" / slug / "curve.json" for slug in runs}
+    points = {slug: json.loads(path.read_text())["points"] for slug, path in found.items() if path.is_file()}
+    if not points:
+        return None
+    panels = {}
+    for key in (*config["stage1"]["curve_tags"], "over_count_rate"):
+        title = "counting over-count rate" if key == "over_count_rate" else f"held-out {key}"
+        panels[title] = {
+            runs[slug]: [{"step": p["step"], "value": p[key]} for p in curve if p.get(key) is not None]
+            for slug, curve in points.items()
+        }
+    staging = out / "curves.partial.png"  # two --rows processes may draw it at once: each replaces it whole
+    plot_curves(panels, staging)
+    os.replace(staging, out / "curves.png")
+    return out / "curves.png"
+
+
 # -- the table --------------------------------------------------------------------------------------------------------
 def checkpoints(folder: Path) -> dict[str, int]:
     """`best` and `end` steps of a finished curve (see the docstring for the rule)."""
@@ -518,6 +542,7 @@ def main(argv=None) -> int:
             runs.append(run)
             if run.slug in wanted:
                 train(run, out)
+    plot_stage1(config, out)
     if args.rows:
         left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if not (out / "rows" / slug / "done.json").is_file()]
         print(f"\nTrained {wanted}; not finished yet: {left or 'none'} (the table needs every run).", flush=True)

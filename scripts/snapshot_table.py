@@ -7,7 +7,7 @@ Copies `SRC/rows/<run>/` into `DST/rows/<run>/`, leaving out what a resumed run 
 stage-1 renders cache (`cache/`, rebuilt bit-identically from the seed), the evaluation images (`eval/*/images/`;
 a curve point with a `summary.json` is never redrawn; one without is redrawn whole, so it is left out) and every
 training checkpoint but the newest (the one a resumed
-run continues from). Also the finished table's `table-spec.yaml` and `table/*.md|json` when present. Each file is
+run continues from). Also the stage-1 `curves.png` and the finished table's `table-spec.yaml` and `table/*.md|json` when present. Each file is
 written to a temporary name and renamed, so an interrupted copy leaves whole files; files that are already the same
 are left alone.
 """
@@ -43,7 +43,7 @@ def kept_files(src: Path):
             if parts[0] == "train" and parts[1].startswith("checkpoint-") and parts[1] != newest:
                 continue
             yield path.relative_to(src)
-    for name in ("table-spec.yaml", "table/table.md", "table/table.json"):
+    for name in ("curves.png", "table-spec.yaml", "table/table.md", "table/table.json"):
         if (src / name).is_file():
             yield Path(name)
 

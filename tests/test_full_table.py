@@ -99,6 +99,9 @@ def test_every_row_is_trained_and_in_the_table(table):
         layout = json.loads((adapter / "adapter_config.json").read_text())
         assert (layout["n_tokens"], layout["unet_blocks"]) == (2, ["down", "up"]), adapter
     assert "--threads" not in done["argv"]  # a row may be continued with another thread count
+    from PIL import Image
+
+    assert Image.open(out / "curves.png").size == (2 * 360, 220 + 4 * 14)  # counting, over-count; a line a curve
 
 
 def test_a_second_run_through_the_flagship_retrains_and_redraws_nothing(table, monkeypatch):
@@ -111,7 +114,7 @@ def test_a_second_run_through_the_flagship_retrains_and_redraws_nothing(table, m
 
     for trainer in (SoftAlignTrainer, DDPOTrainer, DiffusionDPOTrainer):
         monkeypatch.setattr(trainer, "train", refuse)
-    table_files = {out / "table" / "table.md", out / "table" / "table.json"}  # rewritten from the same cells
+    table_files = {out / "table" / "table.md", out / "table" / "table.json", out / "curves.png"}  # redrawn alike
     written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p not in table_files}
     flagship = _load("recipes/softalign_then_ddpo.py")
     assert flagship.main(["--full", "--out", str(out), "--full-config", config]) == 0
