@@ -5,8 +5,9 @@
     python scripts/stage1_curve.py --model models/shapes-sd15 --objective diffusion --train-lora --out runs/curve-ft
     python scripts/stage1_curve.py --model models/shapes-sd15 --objective agsm --with-lora --out runs/curve-agsm-lora
 
-Resumable at every level: re-running the same command continues the training from its last checkpoint (bit-identical
-to an uninterrupted run: one schedule over `--max-steps`, stopped at each evaluation point) and skips every
+Resumable at every level: re-running the same command continues the training from its last checkpoint (one every
+`--save-every` steps, so a killed run repeats at most that many; bit-identical to an uninterrupted run: one schedule
+over `--max-steps`, stopped at each evaluation point) and skips every
 evaluation already written. Each evaluation point `k` leaves `OUT/adapters/step-<k>/` (`adapter/`, `lora/<name>/`) and
 `OUT/eval/step-<k>/` (GenEval's `results.jsonl`, `summary.json`, `report.md`, `grid.png`; the same prompts and seeds
 at every point, so neighbouring points can be compared with `softalign compare`). `OUT/curve.json` and
@@ -39,6 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-steps", type=int, default=5000)
     parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        help="Training checkpoint every N steps, so that a killed run loses at most N steps; must divide "
+        "--eval-every (default: 100 when it does, else --eval-every).",
+    )
     parser.add_argument("--train-batch-size", type=int, default=8)
     parser.add_argument("--negatives", type=int, default=3, help="Negatives per positive (the papers: 3).")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -73,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.train_lora and args.with_lora:
         parser.error("--train-lora trains a LoRA instead of the tokens, --with-lora beside them: pick one")
+    if args.save_every is None:
+        args.save_every = 100 if args.eval_every % 100 == 0 else args.eval_every
+    if args.save_every <= 0 or args.eval_every % args.save_every:
+        parser.error(f"--save-every {args.save_every} must be positive and divide --eval-every {args.eval_every}")
     return args
 
 
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
                 negatives_per_positive=args.negatives,
                 learning_rate=args.learning_rate,
                 ema_decay=args.ema_decay,
-                save_steps=args.eval_every,
+                save_steps=args.save_every,  # a checkpoint at every evaluation point too (it divides them)
                 logging_steps=25,
                 resume_from_checkpoint="latest",
                 seed=args.seed,

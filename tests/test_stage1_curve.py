@@ -1,6 +1,7 @@
 """scripts/stage1_curve.py: one schedule stopped at each evaluation point, resumable, keyed evaluations."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,3 +62,24 @@ def test_tokens_of_another_capacity_and_placement_are_trained_and_saved(model, t
     _run(model, tmp_path / "run", 2, "--n-tokens", "8", "--unet-blocks", "down,mid,up")
     config = json.loads((tmp_path / "run" / "adapters" / "step-000002" / "adapter" / "adapter_config.json").read_text())
     assert config["n_tokens"] == 8 and config["unet_blocks"] == ["down", "mid", "up"]
+
+
+def test_a_run_killed_between_points_continues_from_its_last_checkpoint_alike(model, tmp_path, monkeypatch):
+    from softalign import SoftAlignTrainer
+
+    _run(model, tmp_path / "whole", 2, "--save-every", "1")
+    train = tmp_path / "whole" / "train"
+    assert {p.name for p in train.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
+    tokens = Path("adapters", "step-000002", "adapter", "adapter_model.safetensors")
+    finished = load_file(tmp_path / "whole" / tokens)
+    # as if killed after step 1's checkpoint: step 2, its adapter and its evaluation never happened
+    for gone in (train / "checkpoint-2", tmp_path / "whole" / "adapters", tmp_path / "whole" / "eval" / "step-000002"):
+        shutil.rmtree(gone)
+    steps, step = [], SoftAlignTrainer._optimizer_step
+    monkeypatch.setattr(SoftAlignTrainer, "_optimizer_step", lambda self, i: steps.append(i) or step(self, i))
+    _run(model, tmp_path / "whole", 2, "--save-every", "1")
+    assert steps == [1]  # only step 2 (index 1) was trained again
+    resumed = load_file(tmp_path / "whole" / tokens)
+    assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+    with pytest.raises(SystemExit):
+        _run(model, tmp_path / "bad", 2, "--save-every", "3")
