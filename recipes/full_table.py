@@ -25,8 +25,9 @@ OUT written as `$OUT`). A run with one is skipped; one whose argv differs from w
 stage-1 curve continues from its last checkpoint; a killed RL run (those entry points do not resume) restarts.
 
 Best checkpoint: the curve point after step 0 with the highest held-out counting accuracy in `curve.json`; a tie goes
-to the earlier step (the same accuracy for fewer steps). The curves score a subset of the table's split, so a "best"
-row is selected on the data it is reported on (an optimistic reading, as the papers pick checkpoints); the "end" rows
+to the earlier step (the same accuracy for fewer steps). The curves draw the table's held-out prompts (fewer images,
+and other seeds: an image's seed counts the prompt's place in the plan), so a "best" row is selected on the prompts
+it is reported on, though not on the same images (an optimistic reading, as the papers pick checkpoints); the "end" rows
 are not selected. `OUT/curves.png` draws the stage-1 curves so far on shared panels (redrawn whenever the driver
 stops). Finally `OUT/table-spec.yaml` is written and `scripts/results_table.py` evaluates it into
 `OUT/table/` (`table.md`, `table.json`; each cell a keyed, resumable `softalign eval` directory).
