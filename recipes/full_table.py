@@ -17,7 +17,9 @@ a stage-1 curve gives two rows (best and end). Budgets: `recipes/configs/full_ta
 
 Rows in parallel: `--rows agsm-tokens --threads 1` in one shell and `--rows softrepa-tokens --threads 1` in another
 train those runs only and stop; a last run without `--rows` skips every finished run and builds the table. The RL
-runs start from the AGSM curve, so they wait for it.
+runs start from the AGSM curve, so they wait for it. `--table-so-far` trains nothing and scores base and every
+finished run now, into the cells the last run reuses: the table's evaluation is hours too (every row at every CFG),
+so a core that waits for the last runs can start on it.
 
 Resumable: a run ends with `OUT/rows/<run>/done.json` (written last, atomically: the entry point and argv it ran, with
 OUT written as `$OUT`). A run with one is skipped; one whose argv differs from what the config asks now is refused
@@ -431,11 +433,19 @@ def adapters(folder: Path, step: int) -> Path:
     return folder / "adapters" / f"step-{step:06d}"
 
 
+def finished(out: Path) -> list[str]:
+    """The runs whose `done.json` exists, in the table's order."""
+    return [slug for slug in STAGE1_SLUGS + RL_SLUGS if (out / "rows" / slug / "done.json").is_file()]
+
+
 def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> list[dict]:
-    """The spec's stages (name, soft_tokens, lora), in the README's row order."""
+    """The spec's stages (name, soft_tokens, lora), in the README's row order; a curve without picks, or an RL run
+    without `done.json`, is left out (the table so far)."""
     rows = out / "rows"
 
-    def curve(slug: str, title: str, which: str, lora: str | None = None) -> dict:
+    def curve(slug: str, title: str, which: str, lora: str | None = None) -> dict | None:
+        if slug not in picks:
+            return None
         step = picks[slug][which]
         saved = adapters(rows / slug, step)
         stage = {"name": f"{title}, {which} (step {step})"}
@@ -445,14 +455,16 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
             stage["lora"] = str(saved / "lora" / lora)
         return stage
 
-    def rl(slug: str, title: str, tokens: str) -> dict:
+    def rl(slug: str, title: str, tokens: str) -> dict | None:
+        if not (rows / slug / "done.json").is_file():
+            return None
         return {
             "name": title,
             "soft_tokens": str(rows / slug / tokens),
             "lora": str(rows / slug / "lora" / "softalign"),
         }
 
-    return [
+    stages = [
         {"name": "base"},
         curve("fine-tune", "fine-tune (diffusion loss, LoRA)", "end", lora="softalign"),
         curve("softrepa-tokens", "SoftREPA tokens", "best"),
@@ -465,6 +477,7 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
         rl("agsm-alongside-ddpo", f"AGSM ({config['rl']['start_from']}) alongside DDPO", "adapter-stage2"),
         rl("agsm-then-dpo", f"AGSM ({config['rl']['start_from']}) then Diffusion-DPO", "adapter-stage2"),
     ]
+    return [stage for stage in stages if stage is not None]
 
 
 def write_spec(config: dict, stages: list[dict], path: Path) -> None:
@@ -513,8 +526,16 @@ def main(argv=None) -> int:
         help=f"Comma-separated runs to train, of {STAGE1_SLUGS + RL_SLUGS}, then stop (no table): one process per "
         "core, each on its own rows. The RL runs need agsm-tokens finished.",
     )
+    parser.add_argument(
+        "--table-so-far",
+        action="store_true",
+        help="Train nothing: score base and every finished run into OUT/table/ now, in the cells the full table "
+        "reuses (a core that would otherwise wait for the last runs).",
+    )
     parser.add_argument("--threads", type=int, help="Torch threads of this process (default: the config's threads).")
     args = parser.parse_args(argv)
+    if args.rows and args.table_so_far:
+        parser.error("--rows trains, --table-so-far only scores: give one")
     try:
         config = read_config(args.config)
     except ValueError as error:
@@ -532,6 +553,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = stage1_runs(config, out)
+    if args.table_so_far:
+        done = finished(out)
+        runs += rl_runs(config, out, agsm_start(config, out)) if "agsm-tokens" in done else []
+        return score(config, out, runs, {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS if slug in done})
     for run in runs:
         if run.slug in wanted:
             train(run, out)
@@ -545,17 +570,23 @@ def main(argv=None) -> int:
                 train(run, out)
     plot_stage1(config, out)
     if args.rows:
-        left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if not (out / "rows" / slug / "done.json").is_file()]
+        left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if slug not in finished(out)]
         print(f"\nTrained {wanted}; not finished yet: {left or 'none'} (the table needs every run).", flush=True)
         return 0
-    picks = {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS}
+    return score(config, out, runs, {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS})
+
+
+def score(config: dict, out: Path, runs: list[Run], picks: dict[str, dict[str, int]]) -> int:
+    """Write `OUT/table-spec.yaml` for the rows there are and evaluate it into `OUT/table/`."""
     stages = table_stages(config, out, picks)
     spec = out / "table-spec.yaml"
     write_spec(config, stages, spec)
     table = entry_point("scripts/results_table.py")
     code = table.main([str(spec), "--out", str(out / "table"), "--threads", str(config["threads"])])
     markdown = out / "table" / "table.md"
-    markdown.write_text(markdown.read_text(encoding="utf-8") + provenance(stages, runs, out), encoding="utf-8")
+    left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if slug not in finished(out)]
+    note = f"\n**The table so far**: not trained yet, so not in it: {', '.join(left)}.\n" if left else ""
+    markdown.write_text(markdown.read_text(encoding="utf-8") + note + provenance(stages, runs, out), encoding="utf-8")
     print(f"\nTable: {markdown}", flush=True)
     return code
 

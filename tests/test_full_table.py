@@ -192,3 +192,21 @@ def test_a_finished_row_is_skipped_by_a_run_with_another_thread_count(table, cap
     printed = capsys.readouterr().out
     assert "fine-tune: done, skipped" in printed and "DDPO alone: done, skipped" in printed
     assert "not finished yet: none" in printed
+
+
+def test_the_table_so_far_scores_only_the_finished_runs_and_trains_nothing(table, tmp_path, monkeypatch):
+    import shutil
+
+    full_table, config, out = table
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for slug in ("agsm-lora", "ddpo"):  # as if still training
+        (copy / "rows" / slug / "done.json").unlink()
+    monkeypatch.setattr(full_table, "train", lambda *a: pytest.fail("--table-so-far trained a run"))
+    assert full_table.main(["--config", config, "--out", str(copy), "--table-so-far"]) == 0
+    names = [row["stage"] for row in json.loads((copy / "table" / "table.json").read_text())["rows"]]
+    expected = [row for row in ROWS if not row.startswith(("AGSM tokens + LoRA", "DDPO alone"))]
+    assert len(names) == len(expected) and all(n.startswith(r) for n, r in zip(names, expected, strict=True))
+    assert "not trained yet, so not in it: agsm-lora, ddpo" in (copy / "table" / "table.md").read_text()
+    with pytest.raises(SystemExit):
+        full_table.main(["--config", config, "--out", str(copy), "--table-so-far", "--rows", "ddpo"])
