@@ -556,7 +556,8 @@ def main(argv=None) -> int:
     if args.table_so_far:
         done = finished(out)
         runs += rl_runs(config, out, agsm_start(config, out)) if "agsm-tokens" in done else []
-        return score(config, out, runs, {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS if slug in done})
+        picks = {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS if slug in done}
+        return score(config, out, runs, picks)
     for run in runs:
         if run.slug in wanted:
             train(run, out)
