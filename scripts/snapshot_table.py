@@ -5,11 +5,11 @@
 
 Copies `SRC/rows/<run>/` into `DST/rows/<run>/`, leaving out what a resumed run rebuilds or does not need: the
 stage-1 renders cache (`cache/`, rebuilt bit-identically from the seed), the evaluation images (`eval/*/images/`;
-a curve point with a `summary.json` is never redrawn; one without is redrawn whole, so it is left out) and every
-training checkpoint but the newest (the one a resumed
-run continues from). Also the stage-1 `curves.png` and the finished table's `table-spec.yaml` and `table/*.md|json` when present. Each file is
-written to a temporary name and renamed, so an interrupted copy leaves whole files; files that are already the same
-are left alone.
+a curve point with a `summary.json` is never redrawn; one without is redrawn whole, so it is left out), every
+stage-1 checkpoint but the newest (the one a resumed curve continues from) and the RL runs' checkpoints (a killed RL
+run restarts; a finished one is its adapters). Also the stage-1 `curves.png` and the table's `table-spec.yaml` and
+`table/*.md|json` when present. Each file is written to a temporary name and renamed, so an interrupted copy leaves
+whole files; files that are already the same are left alone.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def kept_files(src: Path):
             if parts[0] == "eval" and len(parts) > 2 and not (run / "eval" / parts[1] / "summary.json").is_file():
                 continue  # an evaluation still running: a resumed curve redraws it whole
             if parts[0] == "train" and parts[1].startswith("checkpoint-") and parts[1] != newest:
+                continue
+            if parts[0].startswith("checkpoint-"):  # an RL run's: those entry points restart rather than resume
                 continue
             yield path.relative_to(src)
     for name in ("curves.png", "table-spec.yaml", "table/table.md", "table/table.json"):
