@@ -36,13 +36,12 @@ def kept_files(src: Path):
             parts = path.relative_to(run).parts
             if not path.is_file() or path.name == LOCK_NAME:  # a lock is the running process's, not the run's
                 continue
-            if parts[0] == "cache" or (parts[0] == "eval" and "images" in parts):
+            if "cache" in parts or (parts[0] == "eval" and "images" in parts):  # the flagship's: stage1/cache
                 continue
             if parts[0] == "eval" and len(parts) > 2 and not (run / "eval" / parts[1] / "summary.json").is_file():
                 continue  # an evaluation still running: a resumed curve redraws it whole
-            if parts[0] == "train" and parts[1].startswith("checkpoint-") and parts[1] != newest:
-                continue
-            if parts[0].startswith("checkpoint-"):  # an RL run's: those entry points restart rather than resume
+            checkpoint = next((part for part in parts[:-1] if part.startswith("checkpoint-")), None)
+            if checkpoint and not (parts[0] == "train" and checkpoint == newest):  # an RL run's restarts instead
                 continue
             yield path.relative_to(src)
     for name in ("curves.png", "table-spec.yaml", "table/table.md", "table/table.json"):

@@ -31,6 +31,7 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
     _touch(src, run + "eval/step-000500/summary.json", run + "eval/step-000500/images/00000/a.png")
     _touch(src, run + "eval/step-001000/results.jsonl", "table-spec.yaml", "notes.txt")
     _touch(src, "rows/ddpo/done.json", "rows/ddpo/lora/adapter_model.safetensors", "rows/ddpo/checkpoint-25/x.pt")
+    _touch(src, "rows/agsm-then-dpo/stage1/cache/a/images.safetensors", "rows/agsm-then-dpo/stage2/checkpoint-9/x.pt")
     assert snapshot.main([str(src), str(dst)]) == 0
     kept = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
     assert kept == [
