@@ -356,7 +356,8 @@ def main(argv=None) -> int:
     else:
         images_per = f"at least {args.eval_images_per_tag} images per tag"
     report = [
-        f"# softalign flagship: {args.objective} then {args.stage2}",
+        f"# softalign flagship: {args.objective} then {args.stage2}"
+        + (f", with {args.objective} alongside (weight {args.alongside:g})" if args.alongside else ""),
         "",
         f"Model: `{args.model}`; "
         f"held-out shapes split, {images_per}, seed 1234, "

@@ -99,6 +99,8 @@ def test_every_row_is_trained_and_in_the_table(table):
         layout = json.loads((adapter / "adapter_config.json").read_text())
         assert (layout["n_tokens"], layout["unet_blocks"]) == (2, ["down", "up"]), adapter
     assert "--threads" not in done["argv"]  # a row may be continued with another thread count
+    title = (out / "rows" / "agsm-alongside-ddpo" / "report.md").read_text().splitlines()[0]
+    assert title == "# softalign flagship: agsm then ddpo, with agsm alongside (weight 0.5)"
     from PIL import Image
 
     assert Image.open(out / "curves.png").size == (2 * 360, 220 + 4 * 14)  # counting, over-count; a line a curve
