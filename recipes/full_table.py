@@ -13,7 +13,7 @@ Diffusion-DPO. The RL rows start from the AGSM tokens' end checkpoint (`rl.start
 Every row is trained by an existing entry point's `main(argv)`, in this process: `scripts/stage1_curve.py` (the four
 stage-1 curves), `recipes/ddpo.py` (DDPO alone, AGSM then DDPO) and `recipes/softalign_then_ddpo.py --stage1-from`
 (alongside, and Diffusion-DPO: its pairs are sampled at the shapes CFG). Each run writes into `OUT/rows/<run>/`;
-a stage-1 curve gives two rows (best and end). Budgets: `recipes/configs/full_table/sd15.yaml` (every key checked).
+a stage-1 curve gives two rows (best and end; one when its best point is its last). Budgets: `recipes/configs/full_table/sd15.yaml` (every key checked).
 
 Rows in parallel: `--rows agsm-tokens --threads 1` in one shell and `--rows softrepa-tokens --threads 1` in another
 train those runs only and stop; a last run without `--rows` skips every finished run and builds the table. The RL
@@ -446,7 +446,7 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
     def curve(slug: str, title: str, which: str, lora: str | None = None) -> dict | None:
         if slug not in picks:
             return None
-        step = picks[slug][which]
+        step = picks[slug][which.split(" = ")[-1]]
         saved = adapters(rows / slug, step)
         stage = {"name": f"{title}, {which} (step {step})"}
         if (saved / "adapter" / "adapter_config.json").is_file():
@@ -454,6 +454,12 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
         if lora:
             stage["lora"] = str(saved / "lora" / lora)
         return stage
+
+    def best_and_end(slug: str, title: str) -> list[dict | None]:
+        """Two rows, or one when the best point is the last (the same adapter scored twice would say nothing)."""
+        if slug in picks and picks[slug]["best"] == picks[slug]["end"]:
+            return [curve(slug, title, "best = end")]
+        return [curve(slug, title, "best"), curve(slug, title, "end")]
 
     def rl(slug: str, title: str, tokens: str) -> dict | None:
         if not (rows / slug / "done.json").is_file():
@@ -467,10 +473,8 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
     stages = [
         {"name": "base"},
         curve("fine-tune", "fine-tune (diffusion loss, LoRA)", "end", lora="softalign"),
-        curve("softrepa-tokens", "SoftREPA tokens", "best"),
-        curve("softrepa-tokens", "SoftREPA tokens", "end"),
-        curve("agsm-tokens", "AGSM tokens", "best"),
-        curve("agsm-tokens", "AGSM tokens", "end"),
+        *best_and_end("softrepa-tokens", "SoftREPA tokens"),
+        *best_and_end("agsm-tokens", "AGSM tokens"),
         curve("agsm-lora", "AGSM tokens + LoRA", "end", lora="softalign_pos"),  # the matched pair draws
         rl("ddpo", "DDPO alone (tokens + LoRA)", "adapter"),
         rl("agsm-then-ddpo", f"AGSM ({config['rl']['start_from']}) then DDPO", "adapter"),

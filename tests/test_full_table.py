@@ -25,6 +25,17 @@ ROWS = [
 ]
 
 
+def _expected(out: Path) -> list[str]:
+    """ROWS, with a curve whose best point is its last as one row."""
+    expected = list(ROWS)
+    for slug, title in (("softrepa-tokens", "SoftREPA tokens"), ("agsm-tokens", "AGSM tokens")):
+        points = json.loads((out / "rows" / slug / "curve.json").read_text())["points"][1:]
+        if max(points, key=lambda p: (p["counting"], -p["step"]))["step"] == points[-1]["step"]:
+            at = expected.index(f"{title}, best")
+            expected[at : at + 2] = [f"{title}, best = end (step {points[-1]['step']})"]
+    return expected
+
+
 def _load(relative: str):
     spec = importlib.util.spec_from_file_location(f"under_test_{Path(relative).stem}", ROOT / relative)
     module = importlib.util.module_from_spec(spec)
@@ -70,7 +81,8 @@ def test_every_row_is_trained_and_in_the_table(table):
     _, _, out = table
     rows = json.loads((out / "table" / "table.json").read_text())["rows"]
     names = [row["stage"] for row in rows]
-    assert len(names) == len(ROWS) and all(name.startswith(row) for name, row in zip(names, ROWS, strict=True))
+    expected = _expected(out)
+    assert len(names) == len(expected) and all(n.startswith(r) for n, r in zip(names, expected, strict=True))
     assert all(row["guidance_scale"] == 1.5 for row in rows)
     markdown = (out / "table" / "table.md").read_text()
     assert all(name in markdown for name in names) and "How each row was made" in markdown
@@ -78,7 +90,10 @@ def test_every_row_is_trained_and_in_the_table(table):
     for slug in ("softrepa-tokens", "agsm-tokens"):
         points = json.loads((out / "rows" / slug / "curve.json").read_text())["points"][1:]
         best = max(points, key=lambda p: (p["counting"], -p["step"]))["step"]
-        assert any(name.endswith(f"best (step {best})") and name.startswith(("SoftREPA", "AGSM")) for name in names)
+        assert any(
+            name.endswith(f"(step {best})") and ", best" in name and name.startswith(("SoftREPA", "AGSM"))
+            for name in names
+        )
     # AGSM + LoRA (stage1_curve --with-lora) keeps the tokens and both LoRA banks
     saved = out / "rows" / "agsm-lora" / "adapters" / "step-000002"
     assert (saved / "adapter" / "adapter_config.json").is_file()
@@ -207,8 +222,21 @@ def test_the_table_so_far_scores_only_the_finished_runs_and_trains_nothing(table
     monkeypatch.setattr(full_table, "train", lambda *a: pytest.fail("--table-so-far trained a run"))
     assert full_table.main(["--config", config, "--out", str(copy), "--table-so-far"]) == 0
     names = [row["stage"] for row in json.loads((copy / "table" / "table.json").read_text())["rows"]]
-    expected = [row for row in ROWS if not row.startswith(("AGSM tokens + LoRA", "DDPO alone"))]
+    expected = [row for row in _expected(out) if not row.startswith(("AGSM tokens + LoRA", "DDPO alone"))]
     assert len(names) == len(expected) and all(n.startswith(r) for n, r in zip(names, expected, strict=True))
     assert "not trained yet, so not in it: agsm-lora, ddpo" in (copy / "table" / "table.md").read_text()
     with pytest.raises(SystemExit):
         full_table.main(["--config", config, "--out", str(copy), "--table-so-far", "--rows", "ddpo"])
+
+
+def test_a_curve_whose_best_point_is_its_last_is_one_row(tmp_path):
+    full_table = _load("recipes/full_table.py")
+    config = full_table.read_config(full_table.DEFAULT_CONFIG)
+    picks = {"softrepa-tokens": {"best": 5000, "end": 5000}, "agsm-tokens": {"best": 4000, "end": 5000}}
+    stages = full_table.table_stages(config, tmp_path, picks)
+    assert [stage["name"] for stage in stages] == [
+        "base",
+        "SoftREPA tokens, best = end (step 5000)",
+        "AGSM tokens, best (step 4000)",
+        "AGSM tokens, end (step 5000)",
+    ]
