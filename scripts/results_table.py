@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     spec = read_spec(args.spec)
     out = Path(args.out)
     runs = {}
-    for stage in spec["stages"]:
-        for scale in spec["guidance_scales"]:
+    for scale in spec["guidance_scales"]:  # a whole column first: the first CFG's table is read hours before the rest
+        for stage in spec["stages"]:
             run_dir = out / slug(stage["name"]) / f"cfg-{scale:g}"
             print(f"== {stage['name']}, CFG {scale:g}: {run_dir}", flush=True)
             softalign_main(eval_args(spec, stage, scale, run_dir, args.threads))

@@ -171,3 +171,51 @@ def test_an_evaluation_is_keyed_reused_and_never_silently_overwritten(tmp_path):
         run_evaluation(pipe, plan, detector, tmp_path / "run", **{**settings, "seed": 2})
     run_evaluation(pipe, plan, detector, tmp_path / "run", overwrite=True, **settings)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["key"]["soft_tokens"] is not None
+
+
+def test_a_killed_evaluation_continues_after_its_last_whole_batch_and_equals_an_uninterrupted_one(tmp_path):
+    import pytest
+
+    from softalign.eval.run import run_evaluation
+    from softalign.shapes.detector import ShapesDetector
+    from softalign.shapes.prompts import split_prompts
+    from softalign.testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    plan = [(line, 2) for line in split_prompts("heldout")[:3]]  # 6 images, batches of 2
+    settings = dict(seed=3, num_inference_steps=2, guidance_scale=1.5, batch_size=2, progress=False)
+    detector = ShapesDetector.load()
+    run_evaluation(pipe, plan, detector, tmp_path / "whole", **settings)
+
+    calls = []
+
+    def killed_in_the_third_batch(image):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return detector(image)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(pipe, plan, killed_in_the_third_batch, tmp_path / "killed", **settings)
+    assert len((tmp_path / "killed" / "results.partial.jsonl").read_text().splitlines()) == 4
+    with (tmp_path / "killed" / "results.partial.jsonl").open("a") as file:
+        file.write('{"filename": "cut sh')  # a kill in the middle of a write
+    drawn = []
+    original = type(pipe).__call__
+
+    def counting_calls(self, prompt, **kwargs):
+        drawn.extend(prompt)
+        return original(self, prompt, **kwargs)
+
+    type(pipe).__call__ = counting_calls
+    try:
+        with pytest.raises(FileExistsError, match="unfinished evaluation of other weights or settings"):
+            run_evaluation(pipe, plan, detector, tmp_path / "killed", **{**settings, "seed": 4})
+        run_evaluation(pipe, plan, detector, tmp_path / "killed", **settings)
+    finally:
+        type(pipe).__call__ = original
+    assert len(drawn) == 2  # only the third batch was drawn again
+    assert (tmp_path / "killed" / "results.jsonl").read_text() == (tmp_path / "whole" / "results.jsonl").read_text()
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["resumed_after"] == 4
+    assert not (tmp_path / "killed" / "progress.json").exists()
+    assert not (tmp_path / "killed" / "results.partial.jsonl").exists()

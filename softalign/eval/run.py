@@ -2,7 +2,9 @@
 
 Layout of `out/` (GenEval's, plus reports):
 - `images/<prompt 00000>/metadata.jsonl` and `images/<prompt>/samples/<0000>.png`;
-- `results.jsonl` (GenEval's columns), `summary.json`, `report.md`, `grid.png`, `run.json` (seeds, sampler, times).
+- `results.jsonl` (GenEval's columns), `summary.json`, `report.md`, `grid.png`, `run.json` (seeds, sampler, times);
+- while it runs, `progress.json` and `results.partial.jsonl`: a killed run continues after its last whole batch
+  (`softalign.eval.partial`).
 
 Every image has its own generator seeded with `seed + 1000 * prompt index + image index`, so an image does not
 depend on the batch it was drawn in, and two runs (base, after a stage) see the same initial noise per image.
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..families import collapsed_generation
+from .partial import PartialResults
 from .report import caption, markdown_report, save_grid
 from .rules import evaluate_detections
 from .run_key import check_run_dir, run_key
@@ -62,11 +65,12 @@ def run_evaluation(
 
     sampler_options = {} if eta is None else {"eta": _checked_eta(pipe, eta)}
     out = Path(out)
+    so_far = PartialResults(out, key, batch_size, overwrite)  # a killed run's finished batches
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(p, i, metadata) for p, (metadata, n) in enumerate(plan) for i in range(n)]
-    rows, started, cpu_started = [], time.time(), time.process_time()
-    bar = tqdm(total=len(jobs), desc="evaluating", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(jobs), batch_size):
+    rows, started, cpu_started = list(so_far.rows), time.time(), time.process_time()
+    bar = tqdm(total=len(jobs), initial=len(rows), desc="evaluating", disable=not progress, dynamic_ncols=True)
+    for start in range(len(rows), len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + 1000 * p + i) for p, i, _ in batch]
         # SD3 without T5: the same images, one zero row instead of 256
@@ -96,6 +100,7 @@ def run_evaluation(
                     json.loads(details) if isinstance(details, str) else details,
                 )
             )
+        so_far.append(rows[-len(batch) :])
         bar.update(len(batch))
     bar.close()
     write_results_jsonl(rows, out / "results.jsonl")
@@ -112,12 +117,14 @@ def run_evaluation(
         "eta": eta,
         "images": len(rows),
         "prompts": len(plan),
+        "resumed_after": len(so_far.rows),  # images a killed run had finished (the times below leave them out)
         "wall_seconds": round(time.time() - started, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "machine": platform.platform(),
         "threads": torch.get_num_threads(),
     }
     (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    so_far.finish()
     return summary
 
 
