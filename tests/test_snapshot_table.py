@@ -32,6 +32,8 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
     _touch(src, run + "eval/step-001000/results.jsonl", "table-spec.yaml", "notes.txt")
     _touch(src, "rows/ddpo/done.json", "rows/ddpo/lora/adapter_model.safetensors", "rows/ddpo/checkpoint-25/x.pt")
     _touch(src, "rows/agsm-then-dpo/stage1/cache/a/images.safetensors", "rows/agsm-then-dpo/stage2/checkpoint-9/x.pt")
+    _touch(src, "table/base/cfg-1.5/summary.json", "table/base/cfg-1.5/grid.png", "table/base/cfg-1.5/images/0/a.png")
+    _touch(src, "table/base/cfg-3/progress.json", "table/base/cfg-3/results.partial.jsonl")  # still being scored
     assert snapshot.main([str(src), str(dst)]) == 0
     kept = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
     assert kept == [
@@ -44,6 +46,8 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
         "rows/ddpo/done.json",
         "rows/ddpo/lora/adapter_model.safetensors",
         "table-spec.yaml",
+        "table/base/cfg-1.5/grid.png",
+        "table/base/cfg-1.5/summary.json",
     ]
     assert snapshot.copy(src, dst) == 0  # nothing changed: nothing copied
     (src / run / "curve.json").write_text("later")
