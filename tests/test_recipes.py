@@ -256,14 +256,17 @@ def test_flagship_starts_from_the_models_shipped_adapter_unless_asked_to_train(t
     save_soft_tokens(SoftTokens.for_pipeline(pipe, objective="agsm"), shipped)
     model = ["--model", str(tmp_path / "model")]
     args = recipe.parse_args(model)
-    assert (args.stage1_from, args.stage1_shipped) == (str(shipped), True)
-    assert recipe.parse_args([*model, "--stage1-steps", "300"]).stage1_from is None  # asked to train: it trains
+    assert (args.stage1_from, args.stage1_shipped, args.stage2_tags) == (str(shipped), True, "counting")
+    assert recipe.parse_args([*model, "--stage2-tags", "colors"]).stage2_tags == "colors"
+    trains = recipe.parse_args([*model, "--stage1-steps", "300"])
+    assert (trains.stage1_from, trains.stage2_tags) == (None, None)  # asked to train: it trains, on every tag
     assert recipe.parse_args([*model, "--objective", "softrepa"]).stage1_from is None  # none shipped for SoftREPA
     assert recipe.parse_args([*model, "--stage1-from", "x"]).stage1_from == "x"
     assert recipe.parse_args(["--model", str(tmp_path)]).stage1_steps == recipe.STAGE1_STEPS  # nothing shipped
     argv = [*model, "--out", str(tmp_path / "run"), "--stage2", "none", "--eval-images-per-tag", "1"]
     assert recipe.main([*argv, "--sample-steps", "2", "--threads", "1"]) == 0
-    assert "the adapter the model ships" in (tmp_path / "run" / "report.md").read_text()
+    assert "the adapter the model ships" in (report := (tmp_path / "run" / "report.md").read_text())
+    assert "on the training split's counting prompts" in report
 
 
 def test_flagship_refuses_a_missing_stage_1_adapter(tmp_path):
