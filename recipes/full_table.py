@@ -8,7 +8,7 @@ Rows, in this order (held-out shapes split, the same prompts and seeds in every 
 base; fine-tuning baseline (diffusion loss on the curated set, LoRA, the stage-1 steps and batch); SoftREPA tokens at
 the best checkpoint and at the end; AGSM tokens (the same two); AGSM tokens + LoRA (the two-adapter mode, end);
 DDPO alone (tokens + LoRA); AGSM then DDPO; AGSM alongside DDPO (the AGSM term added at every DDPO step); AGSM then
-Diffusion-DPO. The RL rows start from the AGSM tokens' end checkpoint (`rl.start_from`).
+Diffusion-DPO; DDPO alone and AGSM then DDPO again on the training split's counting prompts only. The RL rows start from the AGSM tokens' end checkpoint (`rl.start_from`).
 
 Every row is trained by an existing entry point's `main(argv)`, in this process: `scripts/stage1_curve.py` (the four
 stage-1 curves), `recipes/ddpo.py` (DDPO alone, AGSM then DDPO) and `recipes/softalign_then_ddpo.py --stage1-from`
@@ -96,7 +96,14 @@ RL_LORA_RANK = 4  # the flagship's stage 2 always trains rank 4; recipes/ddpo.py
 
 
 STAGE1_SLUGS = ["softrepa-tokens", "agsm-tokens", "agsm-lora", "fine-tune"]  # run directories under OUT/rows/
-RL_SLUGS = ["ddpo", "agsm-then-ddpo", "agsm-alongside-ddpo", "agsm-then-dpo"]
+RL_SLUGS = [
+    "ddpo",
+    "agsm-then-ddpo",
+    "agsm-alongside-ddpo",
+    "agsm-then-dpo",
+    "ddpo-counting",
+    "agsm-then-ddpo-counting",
+]
 
 
 class RunMismatch(RuntimeError):
@@ -270,6 +277,9 @@ def agsm_start(config: dict, out: Path) -> Path:
     return adapters(folder, checkpoints(folder)[config["rl"]["start_from"]]) / "adapter"
 
 
+COUNTING = ["--tags", "counting"]  # recipes/ddpo.py: sample training-split prompts of this tag only
+
+
 def rl_runs(config: dict, out: Path, agsm_adapter: Path) -> list[Run]:
     """DDPO alone and the three RL rows that start from the AGSM tokens, on the same DDPO settings."""
     s, rl = config["stage1"], config["rl"]
@@ -313,6 +323,15 @@ def rl_runs(config: dict, out: Path, agsm_adapter: Path) -> list[Run]:
             "recipes/softalign_then_ddpo.py",
             [*flagship, "--stage2", "diffusion_dpo", "--stage2-epochs", str(rl["dpo_epochs"])],  # 10 steps an epoch
             {"flagship.yaml": {"softalign": term}},
+        ),
+        # The same two on the training split's counting prompts only: tag-uniform DDPO's reward stayed flat for 25
+        # epochs on shapes-sd15 v3, and the headline tag is counting (docs/results/full-table-sd15).
+        row("ddpo-counting", "DDPO alone, counting", "recipes/ddpo.py", [*ddpo, *COUNTING, *token_layout(config)]),
+        row(
+            "agsm-then-ddpo-counting",
+            "AGSM then DDPO, counting",
+            "recipes/ddpo.py",
+            [*ddpo, *COUNTING, "--soft-tokens", str(agsm_adapter)],
         ),
     ]
 
@@ -480,6 +499,8 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
         rl("agsm-then-ddpo", f"AGSM ({config['rl']['start_from']}) then DDPO", "adapter"),
         rl("agsm-alongside-ddpo", f"AGSM ({config['rl']['start_from']}) alongside DDPO", "adapter-stage2"),
         rl("agsm-then-dpo", f"AGSM ({config['rl']['start_from']}) then Diffusion-DPO", "adapter-stage2"),
+        rl("ddpo-counting", "DDPO alone on counting prompts (tokens + LoRA)", "adapter"),
+        rl("agsm-then-ddpo-counting", f"AGSM ({config['rl']['start_from']}) then DDPO on counting prompts", "adapter"),
     ]
     return [stage for stage in stages if stage is not None]
 

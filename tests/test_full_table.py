@@ -22,6 +22,8 @@ ROWS = [
     "AGSM (end) then DDPO",
     "AGSM (end) alongside DDPO",
     "AGSM (end) then Diffusion-DPO",
+    "DDPO alone on counting prompts",
+    "AGSM (end) then DDPO on counting prompts",
 ]
 
 
@@ -103,6 +105,9 @@ def test_every_row_is_trained_and_in_the_table(table):
     assert lora_row["lora"].endswith("softalign_pos") and "soft_tokens" in lora_row
     done = json.loads((out / "rows" / "agsm-then-ddpo" / "done.json").read_text())["request"]
     assert done["entry"] == "recipes/ddpo.py" and "$OUT/rows/agsm-tokens/adapters/step-000002/adapter" in done["argv"]
+    counting = json.loads((out / "rows" / "agsm-then-ddpo-counting" / "done.json").read_text())["request"]["argv"]
+    assert counting[counting.index("--tags") + 1] == "counting" and "--tags" not in done["argv"]
+    assert [arg for arg in counting if arg not in ("--tags", "counting")][:-1] == done["argv"][:-1]  # all but --out
     # every row with tokens has the config's layout: the curves' new tokens, DDPO alone's, and the RL rows' start
     for adapter in (
         out / "rows" / "softrepa-tokens" / "adapters" / "step-000002" / "adapter",
@@ -222,7 +227,7 @@ def test_the_table_so_far_scores_only_the_finished_runs_and_trains_nothing(table
     monkeypatch.setattr(full_table, "train", lambda *a: pytest.fail("--table-so-far trained a run"))
     assert full_table.main(["--config", config, "--out", str(copy), "--table-so-far"]) == 0
     names = [row["stage"] for row in json.loads((copy / "table" / "table.json").read_text())["rows"]]
-    expected = [row for row in _expected(out) if not row.startswith(("AGSM tokens + LoRA", "DDPO alone"))]
+    expected = [row for row in _expected(out) if not row.startswith(("AGSM tokens + LoRA", "DDPO alone (tokens"))]
     assert len(names) == len(expected) and all(n.startswith(r) for n, r in zip(names, expected, strict=True))
     assert "not trained yet, so not in it: agsm-lora, ddpo" in (copy / "table" / "table.md").read_text()
     with pytest.raises(SystemExit):
