@@ -8,12 +8,14 @@ Rows, in this order (held-out shapes split, the same prompts and seeds in every 
 base; fine-tuning baseline (diffusion loss on the curated set, LoRA, the stage-1 steps and batch); SoftREPA tokens at
 the best checkpoint and at the end; AGSM tokens (the same two); AGSM tokens + LoRA (the two-adapter mode, end);
 DDPO alone (tokens + LoRA); AGSM then DDPO; AGSM alongside DDPO (the AGSM term added at every DDPO step); AGSM then
-Diffusion-DPO; DDPO alone and AGSM then DDPO again on the training split's counting prompts only. The RL rows start from the AGSM tokens' end checkpoint (`rl.start_from`).
+Diffusion-DPO; DDPO alone and AGSM then DDPO again on the training split's counting prompts only. The RL rows start
+from the AGSM tokens' end checkpoint (`rl.start_from`).
 
 Every row is trained by an existing entry point's `main(argv)`, in this process: `scripts/stage1_curve.py` (the four
 stage-1 curves), `recipes/ddpo.py` (DDPO alone, AGSM then DDPO) and `recipes/softalign_then_ddpo.py --stage1-from`
 (alongside, and Diffusion-DPO: its pairs are sampled at the shapes CFG). Each run writes into `OUT/rows/<run>/`;
-a stage-1 curve gives two rows (best and end; one when its best point is its last). Budgets: `recipes/configs/full_table/sd15.yaml` (every key checked).
+a stage-1 curve gives two rows (best and end; one when its best point is its last). Budgets:
+`recipes/configs/full_table/sd15.yaml` (every key checked).
 
 Rows in parallel: `--rows agsm-tokens --threads 1` in one shell and `--rows softrepa-tokens --threads 1` in another
 train those runs only and stop; a last run without `--rows` skips every finished run and builds the table. The RL
@@ -281,7 +283,8 @@ COUNTING = ["--tags", "counting"]  # recipes/ddpo.py: sample training-split prom
 
 
 def rl_runs(config: dict, out: Path, agsm_adapter: Path) -> list[Run]:
-    """DDPO alone and the three RL rows that start from the AGSM tokens, on the same DDPO settings."""
+    """DDPO alone and the RL rows that start from the AGSM tokens, all on the same DDPO settings (the last two on
+    counting prompts only)."""
     s, rl = config["stage1"], config["rl"]
     sampling = ["--sample-steps", str(config["sample_steps"]), "--guidance-scale", str(config["guidance_scale"])]
     ddpo = [*common(config), *sampling, "--train-lora", "--lora-rank", str(RL_LORA_RANK)]
@@ -457,17 +460,22 @@ def finished(out: Path) -> list[str]:
     return [slug for slug in STAGE1_SLUGS + RL_SLUGS if (out / "rows" / slug / "done.json").is_file()]
 
 
+def unfinished(out: Path) -> list[str]:
+    done = finished(out)
+    return [slug for slug in STAGE1_SLUGS + RL_SLUGS if slug not in done]
+
+
 def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> list[dict]:
     """The spec's stages (name, soft_tokens, lora), in the README's row order; a curve without picks, or an RL run
     without `done.json`, is left out (the table so far)."""
-    rows = out / "rows"
+    rows, done = out / "rows", finished(out)
 
-    def curve(slug: str, title: str, which: str, lora: str | None = None) -> dict | None:
+    def curve(slug: str, title: str, which: str, lora: str | None = None, label: str | None = None) -> dict | None:
         if slug not in picks:
             return None
-        step = picks[slug][which.split(" = ")[-1]]
+        step = picks[slug][which]
         saved = adapters(rows / slug, step)
-        stage = {"name": f"{title}, {which} (step {step})"}
+        stage = {"name": f"{title}, {label or which} (step {step})"}
         if (saved / "adapter" / "adapter_config.json").is_file():
             stage["soft_tokens"] = str(saved / "adapter")
         if lora:
@@ -477,11 +485,11 @@ def table_stages(config: dict, out: Path, picks: dict[str, dict[str, int]]) -> l
     def best_and_end(slug: str, title: str) -> list[dict | None]:
         """Two rows, or one when the best point is the last (the same adapter scored twice would say nothing)."""
         if slug in picks and picks[slug]["best"] == picks[slug]["end"]:
-            return [curve(slug, title, "best = end")]
+            return [curve(slug, title, "end", label="best = end")]
         return [curve(slug, title, "best"), curve(slug, title, "end")]
 
     def rl(slug: str, title: str, tokens: str) -> dict | None:
-        if not (rows / slug / "done.json").is_file():
+        if slug not in done:
             return None
         return {
             "name": title,
@@ -596,7 +604,7 @@ def main(argv=None) -> int:
                 train(run, out)
     plot_stage1(config, out)
     if args.rows:
-        left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if slug not in finished(out)]
+        left = unfinished(out)
         print(f"\nTrained {wanted}; not finished yet: {left or 'none'} (the table needs every run).", flush=True)
         return 0
     return score(config, out, runs, {slug: checkpoints(out / "rows" / slug) for slug in STAGE1_SLUGS})
@@ -610,7 +618,7 @@ def score(config: dict, out: Path, runs: list[Run], picks: dict[str, dict[str, i
     table = entry_point("scripts/results_table.py")
     code = table.main([str(spec), "--out", str(out / "table"), "--threads", str(config["threads"])])
     markdown = out / "table" / "table.md"
-    left = [slug for slug in STAGE1_SLUGS + RL_SLUGS if slug not in finished(out)]
+    left = unfinished(out)
     note = f"\n**The table so far**: not trained yet, so not in it: {', '.join(left)}.\n" if left else ""
     markdown.write_text(markdown.read_text(encoding="utf-8") + note + provenance(stages, runs, out), encoding="utf-8")
     print(f"\nTable: {markdown}", flush=True)

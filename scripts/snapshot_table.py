@@ -9,8 +9,8 @@ a curve point with a `summary.json` is never redrawn; one without is redrawn who
 stage-1 checkpoint but the newest (the one a resumed curve continues from) and the RL runs' checkpoints (a killed RL
 run restarts; a finished one is its adapters). Also the stage-1 `curves.png`, the table's `table-spec.yaml` and
 `table/*.md|json`, and every finished table cell (`table/<row>/cfg-<g>/` with its `summary.json`, without its
-images: a restored table reuses it; an unfinished cell is scored again). Each file is written to a temporary name and renamed, so an interrupted copy leaves
-whole files; files that are already the same are left alone.
+images: a restored table reuses it; an unfinished cell is scored again). Each file is written to a temporary name
+and renamed, so an interrupted copy leaves whole files; files that are already the same are left alone.
 """
 
 from __future__ import annotations
