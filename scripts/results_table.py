@@ -19,7 +19,8 @@ The spec (YAML or JSON) names the model, the evaluation and the rows:
 Each (stage, scale) is one `softalign eval` directory, `OUT/<stage slug>/cfg-<scale>`. A finished one is reused when
 its key (weights, adapters, sampler, seed, prompts) matches and refused when it does not, so a table is resumable
 after a kill, never mixes runs, and never silently overwrites an earlier report. `OUT/table.md` and
-`OUT/table.json` are written last ([`softalign.eval.stage_table`]).
+`OUT/table.json` are written last ([`softalign.eval.stage_table`]), with `OUT/grid-<tag>-cfg-<g>.png` for counting
+and two_object: every stage one above the other on the same images ([`softalign.eval.side_by_side`]).
 """
 
 from __future__ import annotations
@@ -137,8 +138,28 @@ def main(argv=None) -> int:
     (out / "table.md").write_text(header + table["markdown"] + "\n", encoding="utf-8")
     record = {"spec": spec, "rows": table["rows"]}
     (out / "table.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_grids(spec, out)
     print("\n" + table["markdown"] + f"\n\nTable: {out / 'table.md'}")
     return 0
+
+
+GRID_TAGS = ("counting", "two_object")
+
+
+def write_grids(spec: dict, out: Path) -> None:
+    """`OUT/grid-<tag>-cfg-<g>.png`: every stage one above the other on the same held-out images."""
+    from softalign.eval.side_by_side import side_by_side_grid
+
+    for scale in spec["guidance_scales"]:
+        runs = {stage["name"]: out / slug(stage["name"]) / f"cfg-{scale:g}" for stage in spec["stages"]}
+        for tag in GRID_TAGS:
+            if spec["tags"] and tag not in spec["tags"]:
+                continue
+            path = out / f"grid-{tag}-cfg-{scale:g}.png"
+            try:
+                side_by_side_grid(runs, path, tag=tag)
+            except FileNotFoundError as error:  # cells restored from a snapshot keep no images: the grid stays
+                print(f"no {path.name}: {error}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
     _touch(src, run + "cache/abc/renders.pt", run + "train/softalign_config.json", run + "train/.softalign.lock")
     _touch(src, *(run + f"train/checkpoint-{step}/optimizer.pt" for step in (500, 1000)))
     _touch(src, run + "eval/step-000500/summary.json", run + "eval/step-000500/images/00000/a.png")
-    _touch(src, run + "eval/step-001000/results.jsonl", "table-spec.yaml", "notes.txt")
+    _touch(src, run + "eval/step-001000/results.jsonl", "table-spec.yaml", "notes.txt", "table/grid-counting-cfg-3.png")
     _touch(src, "rows/ddpo/done.json", "rows/ddpo/lora/adapter_model.safetensors", "rows/ddpo/checkpoint-25/x.pt")
     _touch(src, "rows/agsm-then-dpo/stage1/cache/a/images.safetensors", "rows/agsm-then-dpo/stage2/checkpoint-9/x.pt")
     _touch(src, "table/base/cfg-1.5/summary.json", "table/base/cfg-1.5/grid.png", "table/base/cfg-1.5/images/0/a.png")
@@ -48,6 +48,7 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
         "table-spec.yaml",
         "table/base/cfg-1.5/grid.png",
         "table/base/cfg-1.5/summary.json",
+        "table/grid-counting-cfg-3.png",
     ]
     assert snapshot.copy(src, dst) == 0  # nothing changed: nothing copied
     (src / run / "curve.json").write_text("later")

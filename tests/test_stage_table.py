@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from softalign.eval.stage_table import stage_table
 from softalign.eval.summary import summarize
@@ -149,7 +150,14 @@ def test_the_script_evaluates_every_stage_and_scale_once_and_resumes(tmp_path):
     ]
     assert "results_table.py" in (out / "table.md").read_text()
 
-    # a second run reuses every finished evaluation: no image is drawn again
-    images = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    # every stage one above the other on the same counting images, at each scale
+    assert {p.name for p in out.glob("grid-*.png")} == {"grid-counting-cfg-1.5.png", "grid-counting-cfg-3.png"}
+    drawn = Image.open(next((out / "base" / "cfg-3").glob("images/*/samples/0000.png")))
+    grid = Image.open(out / "grid-counting-cfg-3.png")
+    assert grid.width == 9 * 2 * drawn.width  # the held-out split's 9 counting prompts, an image each, zoomed 2x
+    assert grid.height > 2 * 2 * drawn.height  # two rows (base, AGSM), each with its captions
+
+    # a second run reuses every finished evaluation: no image is drawn again (the side-by-side grids are redrawn)
+    images = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if not p.name.startswith("grid-")}
     assert results_table.main([str(spec), "--out", str(out)]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in images.items())
