@@ -8,9 +8,10 @@ stage-1 renders cache (`cache/`, rebuilt bit-identically from the seed), the eva
 a curve point with a `summary.json` is never redrawn; one without is redrawn whole, so it is left out), every
 stage-1 checkpoint but the newest (the one a resumed curve continues from) and the RL runs' checkpoints (a killed RL
 run restarts; a finished one is its adapters). Also the stage-1 `curves.png`, the table's `table-spec.yaml` and
-`table/*.md|json`, the side-by-side `table/grid-*.png`, and every finished table cell (`table/<row>/cfg-<g>/` with its `summary.json`, without its
-images: a restored table reuses it; an unfinished cell is scored again). Each file is written to a temporary name
-and renamed, so an interrupted copy leaves whole files; files that are already the same are left alone.
+`table/*.md|json`, the side-by-side `table/grid-*.png`, and every finished table cell (`table/<row>/cfg-<g>/` with
+its `summary.json`, without its images: a restored table reuses it; an unfinished cell is scored again). Each file is
+written to a temporary name and renamed, so an interrupted copy leaves whole files; files that are already the same
+are left alone.
 """
 
 from __future__ import annotations

@@ -71,11 +71,11 @@ def side_by_side_grid(
     if not chosen:
         tags = sorted({row["tag"] for row in first})
         raise ValueError(f"side_by_side_grid: {runs[first_label]} drew no {tag!r} images; its tags are {tags}")
+    prompts = [verdicts[first_label][name]["prompt"] for name in chosen]
     cells, captions = [], []
     for row_index, (label, run) in enumerate(runs.items()):
-        for column, name in enumerate(chosen):
+        for column, (name, expected) in enumerate(zip(chosen, prompts, strict=True)):
             row = verdicts[label].get(name)
-            expected = verdicts[first_label][name]["prompt"]
             if row is None or row["prompt"] != expected:
                 raise ValueError(
                     f"side_by_side_grid: {run} has no {name} for {expected!r}; the runs must share one plan "
