@@ -51,6 +51,7 @@ def test_the_table_tests_each_row_against_the_base_and_the_row_above_at_the_same
 
     assert rows[("base", 1.5)]["vs_base"] is None
     assert rows[("base", 1.5)]["over_count_rate"] == 0.5  # two of four drew 3
+    assert rows[("base", 1.5)]["under_count_rate"] == 0.25  # one drew 1
     agsm = rows[("agsm", 1.5)]["vs_base"]["counting"]
     # McNemar exact, b = 0 and c = 2: p = 2 * C(2, 0) / 2^2 = 0.5; delta = 2 / 4
     assert (agsm["only_a"], agsm["only_b"], agsm["delta"], agsm["p"]) == (0, 2, 0.5, 0.5)
@@ -63,6 +64,8 @@ def test_the_table_tests_each_row_against_the_base_and_the_row_above_at_the_same
 
     markdown = table["markdown"]
     assert "| agsm | 1.5 | 75.0 [" in markdown and "+50.0 (p 0.500; 0/2)" in markdown
+    assert "| base | 1.5 | 25.0 [4.6, 69.9] | 25.0 | 50.0 | 25.0 |" in markdown  # overall, over-, under-count
+    assert "| then ddpo | 1.5 | 75.0 [30.1, 95.4] | 75.0 | 0.0 | 25.0 |" in markdown
     assert "row above" in markdown and "| then ddpo | 1.5 | +0.0 (p 1.000; 1/1)" in markdown
 
 

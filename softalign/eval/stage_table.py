@@ -62,7 +62,7 @@ def stage_table(runs: Mapping[tuple[str, float], Mapping], stages: Sequence[str]
         scales (`Sequence[float]`): the guidance scales of every stage.
 
     Returns:
-        `dict`: `markdown`, and `rows`: per stage and scale the summary, the over-count rate, and the paired tests
+        `dict`: `markdown`, and `rows`: per stage and scale the summary, the over- and under-count rates, and the paired tests
         against the base (`vs_base`) and the stage above (`vs_previous`) at the same scale.
     """
     if not stages or not scales:
@@ -82,12 +82,14 @@ def stage_table(runs: Mapping[tuple[str, float], Mapping], stages: Sequence[str]
             run = runs[(stage, scale)]
             base = runs[(stages[0], scale)]
             previous = runs[(stages[index - 1], scale)] if index > 0 else None
+            confusion = counting_confusion(run["rows"])
             rows.append(
                 {
                     "stage": stage,
                     "guidance_scale": scale,
                     "summary": run["summary"],
-                    "over_count_rate": counting_confusion(run["rows"])["over_count_rate"],
+                    "over_count_rate": confusion["over_count_rate"],
+                    "under_count_rate": confusion["under_count_rate"],
                     "vs_base": paired_tests(base["rows"], run["rows"]) if index > 0 else None,
                     "vs_previous": paired_tests(previous["rows"], run["rows"]) if index > 1 else None,
                 }
@@ -96,21 +98,22 @@ def stage_table(runs: Mapping[tuple[str, float], Mapping], stages: Sequence[str]
 
 
 def _markdown(rows: list[dict], tags: list[str]) -> str:
-    def over(row) -> str:
-        rate = row["over_count_rate"]
-        return "–" if rate is None else _pct(rate)
+    def rate(row, key: str) -> str:
+        return "–" if row[key] is None else _pct(row[key])
 
     def head(columns: list[str]) -> list[str]:
         return ["| " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * (len(columns) - 2)]
 
     lines = [
-        "Accuracy, % [Wilson 95% interval]; over-count: share of counting images with more objects than asked.",
+        "Accuracy, % [Wilson 95% interval]; over- / under-count: share of counting images with more / fewer objects "
+        "than asked.",
         "",
     ]
-    lines += head(["stage", "CFG", *tags, "overall", "over-count"])
+    lines += head(["stage", "CFG", *tags, "overall", "over-count", "under-count"])
     for row in rows:
         cells = [row["stage"], f"{row['guidance_scale']:g}", *(_cell(row["summary"], tag) for tag in tags)]
-        lines.append("| " + " | ".join([*cells, _pct(row["summary"]["overall"]), over(row)]) + " |")
+        counts = [rate(row, "over_count_rate"), rate(row, "under_count_rate")]
+        lines.append("| " + " | ".join([*cells, _pct(row["summary"]["overall"]), *counts]) + " |")
     for key, title in (
         ("vs_base", "Change against the base at the same CFG"),
         ("vs_previous", "Change against the stage in the row above at the same CFG"),
