@@ -7,7 +7,8 @@ Copies `SRC/rows/<run>/` into `DST/rows/<run>/`, leaving out what a resumed run 
 stage-1 renders cache (`cache/`, rebuilt bit-identically from the seed), the evaluation images (`eval/*/images/`;
 a curve point with a `summary.json` is never redrawn; one without is redrawn whole, so it is left out), every
 stage-1 checkpoint but the newest (the one a resumed curve continues from) and the RL runs' checkpoints (a killed RL
-run restarts; a finished one is its adapters). Also the stage-1 `curves.png`, the table's `table-spec.yaml` and
+run restarts; a finished one is its adapters, and of its newest checkpoint only `trainer_state.json`, the per-epoch
+reward and KL record that its closing notes quote). Also the stage-1 `curves.png`, the table's `table-spec.yaml` and
 `table/*.md|json`, the side-by-side `table/grid-*.png`, and every finished table cell (`table/<row>/cfg-<g>/` with
 its `summary.json`, without its images: a restored table reuses it; an unfinished cell is scored again). Each file is
 written to a temporary name and renamed, so an interrupted copy leaves whole files; files that are already the same
@@ -24,16 +25,24 @@ from pathlib import Path
 
 from softalign.run_lock import LOCK_NAME
 
+TRAINING_RECORD = "trainer_state.json"  # an RL checkpoint's epoch, step and per-epoch log history (a few KB)
+
 
 def newest_checkpoint(train: Path) -> str | None:
     steps = [p for p in train.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(steps, key=lambda p: int(p.name.split("-")[-1])).name if steps else None
 
 
+def newest_beside(path: Path) -> str | None:
+    """The newest checkpoint in the folder that holds `path`'s checkpoint (an RL run's, or its stage2's)."""
+    checkpoint = next(parent for parent in path.parents if parent.name.startswith("checkpoint-"))
+    return newest_checkpoint(checkpoint.parent)
+
+
 def kept_files(src: Path):
     """Paths (relative to `src`) worth keeping."""
     for run in sorted(p for p in (src / "rows").iterdir() if p.is_dir()):
-        newest = newest_checkpoint(run / "train")
+        newest, finished = newest_checkpoint(run / "train"), (run / "done.json").is_file()
         for path in sorted(run.rglob("*")):
             parts = path.relative_to(run).parts
             if not path.is_file() or path.name == LOCK_NAME:  # a lock is the running process's, not the run's
@@ -43,8 +52,11 @@ def kept_files(src: Path):
             if parts[0] == "eval" and len(parts) > 2 and not (run / "eval" / parts[1] / "summary.json").is_file():
                 continue  # an evaluation still running: a resumed curve redraws it whole
             checkpoint = next((part for part in parts[:-1] if part.startswith("checkpoint-")), None)
-            if checkpoint and not (parts[0] == "train" and checkpoint == newest):  # an RL run's restarts instead
-                continue
+            if checkpoint and parts[0] == "train":
+                if checkpoint != newest:
+                    continue
+            elif checkpoint and not (finished and path.name == TRAINING_RECORD and checkpoint == newest_beside(path)):
+                continue  # an RL run's checkpoints: a killed one restarts, a finished one keeps its training record
             yield path.relative_to(src)
     for name in ("curves.png", "table-spec.yaml", "table/table.md", "table/table.json"):
         if (src / name).is_file():

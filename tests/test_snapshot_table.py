@@ -31,6 +31,8 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
     _touch(src, run + "eval/step-000500/summary.json", run + "eval/step-000500/images/00000/a.png")
     _touch(src, run + "eval/step-001000/results.jsonl", "table-spec.yaml", "notes.txt", "table/grid-counting-cfg-3.png")
     _touch(src, "rows/ddpo/done.json", "rows/ddpo/lora/adapter_model.safetensors", "rows/ddpo/checkpoint-25/x.pt")
+    _touch(src, "rows/ddpo/checkpoint-25/trainer_state.json", "rows/ddpo/checkpoint-24/trainer_state.json")
+    _touch(src, "rows/ddpo-counting/started.json", "rows/ddpo-counting/checkpoint-3/trainer_state.json")  # running
     _touch(src, "rows/agsm-then-dpo/stage1/cache/a/images.safetensors", "rows/agsm-then-dpo/stage2/checkpoint-9/x.pt")
     _touch(src, "table/base/cfg-1.5/summary.json", "table/base/cfg-1.5/grid.png", "table/base/cfg-1.5/images/0/a.png")
     _touch(src, "table/base/cfg-3/progress.json", "table/base/cfg-3/results.partial.jsonl")  # still being scored
@@ -43,6 +45,8 @@ def test_a_kept_table_has_what_a_resumed_run_needs_and_nothing_it_rebuilds(tmp_p
         "rows/agsm-tokens/started.json",
         "rows/agsm-tokens/train/checkpoint-1000/optimizer.pt",
         "rows/agsm-tokens/train/softalign_config.json",
+        "rows/ddpo-counting/started.json",
+        "rows/ddpo/checkpoint-25/trainer_state.json",
         "rows/ddpo/done.json",
         "rows/ddpo/lora/adapter_model.safetensors",
         "table-spec.yaml",
