@@ -33,16 +33,10 @@ def newest_checkpoint(train: Path) -> str | None:
     return max(steps, key=lambda p: int(p.name.split("-")[-1])).name if steps else None
 
 
-def newest_beside(path: Path) -> str | None:
-    """The newest checkpoint in the folder that holds `path`'s checkpoint (an RL run's, or its stage2's)."""
-    checkpoint = next(parent for parent in path.parents if parent.name.startswith("checkpoint-"))
-    return newest_checkpoint(checkpoint.parent)
-
-
 def kept_files(src: Path):
     """Paths (relative to `src`) worth keeping."""
     for run in sorted(p for p in (src / "rows").iterdir() if p.is_dir()):
-        newest, finished = newest_checkpoint(run / "train"), (run / "done.json").is_file()
+        finished = (run / "done.json").is_file()
         for path in sorted(run.rglob("*")):
             parts = path.relative_to(run).parts
             if not path.is_file() or path.name == LOCK_NAME:  # a lock is the running process's, not the run's
@@ -52,11 +46,10 @@ def kept_files(src: Path):
             if parts[0] == "eval" and len(parts) > 2 and not (run / "eval" / parts[1] / "summary.json").is_file():
                 continue  # an evaluation still running: a resumed curve redraws it whole
             checkpoint = next((part for part in parts[:-1] if part.startswith("checkpoint-")), None)
-            if checkpoint and parts[0] == "train":
-                if checkpoint != newest:
+            if checkpoint:  # the newest only: all of a curve's (it resumes there), a finished RL run's training record
+                wanted = parts[0] == "train" or (finished and path.name == TRAINING_RECORD)  # a killed RL run restarts
+                if not (wanted and checkpoint == newest_checkpoint(run.joinpath(*parts[: parts.index(checkpoint)]))):
                     continue
-            elif checkpoint and not (finished and path.name == TRAINING_RECORD and checkpoint == newest_beside(path)):
-                continue  # an RL run's checkpoints: a killed one restarts, a finished one keeps its training record
             yield path.relative_to(src)
     for name in ("curves.png", "table-spec.yaml", "table/table.md", "table/table.json"):
         if (src / name).is_file():

@@ -62,8 +62,8 @@ def stage_table(runs: Mapping[tuple[str, float], Mapping], stages: Sequence[str]
         scales (`Sequence[float]`): the guidance scales of every stage.
 
     Returns:
-        `dict`: `markdown`, and `rows`: per stage and scale the summary, the over- and under-count rates, and the paired tests
-        against the base (`vs_base`) and the stage above (`vs_previous`) at the same scale.
+        `dict`: `markdown`, and `rows`: per stage and scale the summary, the over- and under-count rates, and the
+        paired tests against the base (`vs_base`) and the stage above (`vs_previous`) at the same scale.
     """
     if not stages or not scales:
         raise ValueError(f"stage_table: need at least one stage and one scale, got {list(stages)} and {list(scales)}")
